@@ -59,8 +59,14 @@ class SamplingParams:
 
         for name in ("n", "top_k", "min_tokens"):
             check_num(name, (int,))
-        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "presence_penalty",
+            "frequency_penalty",
+            "repetition_penalty",
+        ):
             check_num(name, (int, float))
         if self.n < 1 or self.n > 128:
             raise bad("n", "must be in [1, 128]")
@@ -79,12 +85,15 @@ class SamplingParams:
         if not 0.0 < self.repetition_penalty <= 10.0:
             raise bad("repetition_penalty", "must be in (0, 10]")
         if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or self.seed < 0
             or self.seed >= 2**63
         ):
             raise bad("seed", "must be a non-negative 64-bit integer")
         if self.max_tokens is not None and (
-            isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
+            isinstance(self.max_tokens, bool)
+            or not isinstance(self.max_tokens, int)
             or self.max_tokens < 1
         ):
             raise bad("max_tokens", "must be a positive integer")
@@ -101,7 +110,8 @@ class SamplingParams:
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise bad("stop_token_ids", "must be non-negative integers")
         if self.logprobs is not None and (
-            isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+            isinstance(self.logprobs, bool)
+            or not isinstance(self.logprobs, int)
             or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")

@@ -1,4 +1,4 @@
-"""One sequence's state: the single source of truth the block manager and batcher read and update."""
+"""One sequence's state: the single source of truth that the block manager and batcher share."""
 
 from __future__ import annotations
 

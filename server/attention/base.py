@@ -12,7 +12,8 @@ import torch
 class AttentionMetadata:
     """What every backend needs to know about one step, built once and shared by all layers.
 
-    Tokens of the step are flattened: sequence `i` owns rows `query_start_loc[i]:query_start_loc[i+1]`
+    Tokens of the step are flattened: sequence `i` owns rows
+    `query_start_loc[i]:query_start_loc[i+1]`
     of q/k/v. Its earlier tokens (prefix hits, previous chunks, decoded tokens) already sit in the
     paged cache; after the new K/V are written, its context is `seq_lens[i]` tokens long, the new
     ones last. Decode-only sequences (one new token) come first in the batch, then prefills.
@@ -43,7 +44,7 @@ class AttentionMetadata:
 
 class AttentionBackend(ABC):
     """Paged attention over a KV cache of shape
-    [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim] (one block holds every layer)."""
+    [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]: one block holds every layer."""
 
     name: str = ""
 

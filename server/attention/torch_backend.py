@@ -67,14 +67,16 @@ class TorchAttentionBackend(AttentionBackend):
             vv = v_cache[blk, off].transpose(0, 1).unsqueeze(0)
             qq = q[start : start + ql].transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]
             if ql == sl:
-                o = F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, scale=scale,
-                                                   enable_gqa=gqa)
+                o = F.scaled_dot_product_attention(
+                    qq, kk, vv, is_causal=True, scale=scale, enable_gqa=gqa
+                )
             else:
                 # Causal with an offset: query r sits at position sl - ql + r.
                 qpos = torch.arange(sl - ql, sl, device=q.device)
                 mask = torch.arange(sl, device=q.device)[None, :] <= qpos[:, None]
-                o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=scale,
-                                                   enable_gqa=gqa)
+                o = F.scaled_dot_product_attention(
+                    qq, kk, vv, attn_mask=mask, scale=scale, enable_gqa=gqa
+                )
             out[start : start + ql] = o[0].transpose(0, 1)
             start += ql
         return out

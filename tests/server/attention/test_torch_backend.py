@@ -50,8 +50,7 @@ def test_matches_dense_attention(seed, heads):
         qs.append(torch.randn(ql, h, d))
         ks.append(kk[sl - ql :])
         vs.append(vv[sl - ql :])
-    meta = build_attention_metadata([c[0] for c in cases], [c[1] for c in cases], tables, bs,
-                                    "cpu")
+    meta = build_attention_metadata([c[0] for c in cases], [c[1] for c in cases], tables, bs, "cpu")
     backend = get_attention_backend("torch", "cpu")
     backend.prepare(meta)
     scale = d**-0.5
@@ -63,7 +62,7 @@ def test_matches_dense_attention(seed, heads):
         torch.testing.assert_close(out[start : start + ql], ref, atol=1e-5, rtol=1e-5)
         start += ql
     # The new K/V landed in their slots.
-    for i, (ql, sl) in enumerate(cases):
+    for i, (_ql, sl) in enumerate(cases):
         pos = sl - 1
         torch.testing.assert_close(cache[tables[i][pos // bs], layer, 0, pos % bs], full_k[i][pos])
 

@@ -1,0 +1,48 @@
+"""Engine configuration: one frozen dataclass built at the edge and passed down."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+LOAD_FORMATS = ("auto", "dummy")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "smollm2"
+    load_format: str = "auto"
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    device: str | None = None  # None: cuda when available, else cpu
+    seed: int = 0
+    attention_backend: str | None = None  # None: the device's default
+    block_size: int = 16
+    kv_cache_gib: float = 1.0  # CPU budget for the KV cache
+    gpu_memory_utilization: float = 0.85  # CUDA: fraction of the device the process may fill
+    num_kv_blocks: int | None = None  # overrides both budgets (tests, benchmarks)
+    max_model_len: int | None = None  # None: the model's max_position_embeddings, capped at 8192
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype: must be one of {DTYPES}, got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(
+                f"load_format: must be one of {LOAD_FORMATS}, got {self.load_format!r}"
+            )
+        if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"device: must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.kv_cache_gib <= 0:
+            raise ValueError(f"kv_cache_gib: must be positive, got {self.kv_cache_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(
+                f"gpu_memory_utilization: must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks: must be positive, got {self.num_kv_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len: must be positive, got {self.max_model_len}")
