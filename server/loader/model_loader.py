@@ -1,0 +1,65 @@
+"""Build the model for a `model` string: resolved source, empty model, weights, tokenizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from baton.server.loader.dummy import init_dummy_weights
+from baton.server.loader.hf_folder import iter_safetensors
+from baton.server.loader.resolve import resolve_model
+from baton.server.model_config import ModelConfig
+from baton.server.models.layers import RotaryEmbedding
+from baton.server.models.llama import LlamaForCausalLM
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM  # eval mode, on the device, in the dtype
+    config: ModelConfig
+    tokenizer: Any | None  # a transformers tokenizer
+    name: str  # the model's identity
+    model_dir: Path | None  # the HF folder the weights came from; None for dummy weights
+
+
+def load_model(
+    model: str,
+    *,
+    load_format: str = "auto",
+    dtype: torch.dtype,
+    device: torch.device | str,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> LoadedModel:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: must be one of {DTYPES}, got {dtype}")
+    spec = resolve_model(model, load_format)
+    net = empty_model(spec.config, dtype, torch.device(device))
+    if load_format == "dummy":
+        init_dummy_weights(net, seed)
+    else:
+        net.load_weights(iter_safetensors(spec.hf_dir, show_progress))
+    return LoadedModel(
+        model=net.eval(),
+        config=spec.config,
+        tokenizer=spec.load_tokenizer(),
+        name=spec.name,
+        model_dir=None if load_format == "dummy" else spec.hf_dir,
+    )
+
+
+def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    """The model with uninitialised parameters, allocated once, directly on the device."""
+    with torch.device("meta"):
+        net = LlamaForCausalLM(config).to(dtype)
+    net.to_empty(device=device)
+    net.tie_weights()  # to_empty gives each module its own tensor
+    for m in net.modules():
+        if isinstance(m, RotaryEmbedding):
+            m.reset_cache()
+    return net

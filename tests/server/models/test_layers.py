@@ -1,0 +1,74 @@
+"""Shared layers against their transformers counterparts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+from baton.server.models.layers import RMSNorm, RotaryEmbedding, apply_rotary, rope_inv_freq
+
+ROPES = [
+    None,
+    {"rope_type": "linear", "factor": 4.0},
+    {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_matches_hf_and_fuses_the_residual(dtype):
+    torch.manual_seed(0)
+    x, res = torch.randn(5, 32, dtype=dtype), torch.randn(5, 32, dtype=dtype)
+    ours, ref = RMSNorm(32, 1e-5).to(dtype), LlamaRMSNorm(32, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ref.weight.copy_(ours.weight)
+    assert torch.equal(ours(x), ref(x))
+    normed, summed = ours(x, res)
+    assert torch.equal(summed, x + res) and torch.equal(normed, ref(x + res))
+
+
+@pytest.mark.parametrize("scaling", ROPES, ids=["default", "linear", "llama3"])
+def test_rope_matches_hf(scaling):
+    head_dim, theta = 128, 500000.0
+    params = {"rope_theta": theta, "rope_type": "default", **(scaling or {})}
+    cfg = LlamaConfig(
+        hidden_size=head_dim * 4,
+        num_attention_heads=4,
+        max_position_embeddings=131072,
+        rope_parameters=params,
+    )
+    if scaling is not None:
+        ref_inv_freq, factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](cfg, "cpu")
+        assert factor == 1.0
+        assert torch.equal(rope_inv_freq(head_dim, theta, scaling), ref_inv_freq)
+
+    rope = RotaryEmbedding(head_dim, 4096, theta, scaling)
+    positions = torch.tensor([0, 1, 17, 4095, 300])
+    q, k = torch.randn(5, 4, head_dim), torch.randn(5, 2, head_dim)
+    cos, sin = rope(positions, torch.float32)
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
+    freqs = positions[:, None].float() * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    # HF layout: [B, H, T, D] with cos/sin [B, T, D]
+    ref_q, ref_k = apply_rotary_pos_emb(
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], emb.cos()[None], emb.sin()[None]
+    )
+    ours_q, ours_k = apply_rotary(q, k, cos, sin)
+    assert torch.equal(ours_q, ref_q[0].transpose(0, 1))
+    assert torch.equal(ours_k, ref_k[0].transpose(0, 1))
+
+
+def test_rope_cache_stays_fp32_and_follows_the_device():
+    rope = RotaryEmbedding(16, 64, 10000.0, None)
+    assert rope.cos_cache.dtype == torch.float32 and rope.cos_cache.shape == (64, 8)
+    cos, sin = rope(torch.tensor([3]), torch.bfloat16)
+    assert cos.dtype == sin.dtype == torch.bfloat16 and cos.shape == (1, 1, 16)

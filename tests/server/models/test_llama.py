@@ -1,0 +1,188 @@
+"""The Llama family against transformers: same config, same weights, same logits (fp32).
+
+Each variant is a randomly initialised transformers model saved as an HF folder and read back
+through `load_model`, so the HF folder loader is exercised too. The paged path runs the prompt in
+one prefill, and in chunks plus decode steps mixed with a second sequence in the same batch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from baton.server.attention import ForwardContext
+from baton.server.attention.metadata import build_attention_metadata
+from baton.server.attention.torch_backend import TorchAttentionBackend
+from baton.server.kv_cache import allocate_kv_cache
+from baton.server.loader import load_model
+
+BLOCK_SIZE = 16
+NUM_BLOCKS = 8
+SHAPES = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+VARIANTS = {
+    "llama-gqa-llama3-rope": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, tie_word_embeddings=False),
+    ),
+    "llama-tied-linear-rope": (
+        transformers.LlamaConfig,
+        transformers.LlamaForCausalLM,
+        dict(
+            num_key_value_heads=4,
+            rope_theta=100000.0,
+            rope_scaling={"rope_type": "linear", "factor": 2.0},
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen2-qkv-bias": (
+        transformers.Qwen2Config,
+        transformers.Qwen2ForCausalLM,
+        dict(rope_theta=1000000.0, tie_word_embeddings=False),
+    ),
+    "mistral": (
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        dict(sliding_window=None, tie_word_embeddings=False),
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def variant(request, tmp_path_factory):
+    """(our model, the transformers model) with the same random weights."""
+    config_cls, model_cls, extra = VARIANTS[request.param]
+    hf = model_cls(config_cls(**{**SHAPES, **extra})).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # HF zeroes biases and sets norms to 1: perturb everything
+        for p in hf.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    folder = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(folder)
+    ours = load_model(str(folder), dtype=torch.float32, device="cpu", show_progress=False)
+    assert ours.tokenizer is None and ours.name == folder.name
+    return ours.model, hf
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(
+        0, SHAPES["vocab_size"], (n,), generator=torch.Generator().manual_seed(seed)
+    ).tolist()
+
+
+def hf_logits(hf, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].float()
+
+
+def run_schedule(model, seqs, tables, steps) -> list[torch.Tensor]:
+    """Runs `steps` (each a list of (seq, num_new_tokens)) through one paged KV cache.
+
+    Returns each sequence's logits for all its tokens, in order.
+    """
+    cfg = model.config
+    cache = allocate_kv_cache(
+        NUM_BLOCKS,
+        cfg.num_hidden_layers,
+        BLOCK_SIZE,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        torch.float32,
+        "cpu",
+    )
+    cache.fill_(float("nan"))  # poison: only written slots may be read
+    backend = TorchAttentionBackend()
+    done = [0] * len(seqs)
+    out: list[list[torch.Tensor]] = [[] for _ in seqs]
+    for step in steps:
+        step = sorted(step, key=lambda s: s[1] != 1)  # decodes first
+        ids, pos = [], []
+        for i, n in step:
+            ids += seqs[i][done[i] : done[i] + n]
+            pos += range(done[i], done[i] + n)
+        ends = [done[i] + n for i, n in step]
+        meta = build_attention_metadata(
+            [n for _, n in step], ends, [tables[i] for i, _ in step], BLOCK_SIZE, "cpu"
+        )
+        backend.prepare(meta)
+        ctx = ForwardContext(backend=backend, meta=meta, kv_cache=cache)
+        with torch.inference_mode():
+            hidden = model(torch.tensor(ids), torch.tensor(pos), ctx)
+            logits = model.compute_logits(hidden)
+        assert logits.dtype == torch.float32 and logits.shape == (len(ids), cfg.vocab_size)
+        row = 0
+        for (i, n), end in zip(step, ends, strict=True):
+            out[i].append(logits[row : row + n])
+            row += n
+            done[i] = end
+    return [torch.cat(o) for o in out]
+
+
+def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    assert ours.shape == ref.shape
+    err = (ours - ref).abs().max().item()
+    assert err <= 1e-4 * ref.abs().max().item(), f"max abs error {err}"
+
+
+def test_single_prefill_matches_transformers(variant):
+    model, hf = variant
+    ids = prompt(40, seed=1)
+    (ours,) = run_schedule(model, [ids], [[6, 1, 4]], [[(0, 40)]])
+    assert_close(ours, hf_logits(hf, ids))
+
+
+def test_chunked_prefill_and_decode_in_mixed_batches_match_transformers(variant):
+    model, hf = variant
+    a, b = prompt(40, seed=2), prompt(30, seed=3)
+    tables = [[6, 1, 4], [7, 2]]
+    steps = [[(0, 16), (1, 10)], [(1, 1), (0, 16)], [(0, 1), (1, 19)]]
+    steps += [[(0, 1)]] * 7  # the rest of a, one token at a time
+    ours = run_schedule(model, [a, b], tables, steps)
+    assert_close(ours[0], hf_logits(hf, a))
+    assert_close(ours[1], hf_logits(hf, b))
+
+
+def test_tied_head_shares_the_embedding(variant):
+    model, _ = variant
+    tied = model.config.tie_word_embeddings
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    names = {n for n, _ in model.named_parameters()}
+    assert ("lm_head.weight" in names) != tied
+    assert ("model.layers.0.self_attn.q_proj.bias" in names) == (model.config.model_type == "qwen2")
+
+
+def test_load_weights_checks_names_and_shapes():
+    from baton.server.model_config import ModelConfig
+    from baton.server.models.llama import LlamaForCausalLM
+
+    cfg = ModelConfig.from_hf_dict({"model_type": "llama", **SHAPES, "tie_word_embeddings": True})
+    model = LlamaForCausalLM(cfg)
+    state = {k: torch.randn(v.shape) for k, v in model.state_dict().items()}
+    model.load_weights([*state.items(), ("model.rotary_emb.inv_freq", torch.ones(8))])
+    assert torch.equal(model.lm_head.weight, state["model.embed_tokens.weight"])
+
+    missing = {k: v for k, v in state.items() if k != "model.norm.weight"}
+    with pytest.raises(ValueError, match="missing tensors model.norm.weight"):
+        model.load_weights(missing.items())
+    with pytest.raises(ValueError, match="unexpected tensors model.layers.0.mlp.bias"):
+        model.load_weights([*state.items(), ("model.layers.0.mlp.bias", torch.ones(1))])
+    bad = {**state, "model.layers.1.mlp.up_proj.weight": torch.ones(96, 63)}
+    with pytest.raises(ValueError, match=r"up_proj.weight has shape \(96, 63\).*\(96, 64\)"):
+        model.load_weights(bad.items())
