@@ -1,0 +1,51 @@
+"""The `baton` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from baton import LLM, SamplingParams
+
+    llm = LLM(model=args.model, device=args.device, dtype=args.dtype)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=0)
+    prompts = args.prompt or ["What is the capital of France?", "Write a haiku about the sea."]
+    t0 = time.perf_counter()
+    outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    dt = time.perf_counter() - t0
+    for p, o in zip(prompts, outs, strict=True):
+        print(
+            json.dumps(
+                {"prompt": p, "completion": o.text, "finish_reason": o.outputs[0].finish_reason},
+                ensure_ascii=False,
+            )
+        )
+    n = sum(o.num_generated_tokens for o in outs)
+    print(f"{n} tokens in {dt:.2f} s ({n / dt:.1f} tok/s)", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="baton", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="offline generation on a few chat prompts")
+    demo.add_argument("--model", default="smollm2")
+    demo.add_argument("--device", default=None)
+    demo.add_argument("--dtype", default="auto")
+    demo.add_argument("--max-tokens", type=int, default=48)
+    demo.add_argument("--prompt", action="append", help="a user message (repeatable)")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

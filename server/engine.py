@@ -1,0 +1,313 @@
+"""The engine: admits requests, runs steps of the batcher and the model, and reports outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from baton.scheduler.batcher import Batcher
+from baton.scheduler.config import CacheConfig, SchedulerConfig
+from baton.scheduler.sampling_params import SamplingParams
+from baton.scheduler.sequence import Sequence
+from baton.server.config import EngineConfig
+from baton.server.detokenizer import IncrementalDetokenizer
+from baton.server.kv_cache import block_bytes, cuda_kv_budget, num_blocks_for_budget
+from baton.server.loader import load_model
+from baton.server.model_runner import ModelRunner
+from baton.server.outputs import CompletionOutput, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_MODEL_LEN_CAP = 8192
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for but no CUDA device is available")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[Sequence]
+    detoks: list[IncrementalDetokenizer | None]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finished for o in self.outputs)
+
+
+class LLMEngine:
+    """A paged-KV engine with continuous batching; one instance per worker."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        loaded = load_model(
+            config.model,
+            load_format=config.load_format,
+            dtype=self.dtype,
+            device=self.device,
+            seed=config.seed,
+            show_progress=config.show_progress,
+        )
+        self.model_name = loaded.name
+        self.model_dir = loaded.model_dir
+        self.model_config = mc = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = self._max_model_len(config, mc.max_position_embeddings)
+        per_block = block_bytes(
+            mc.num_hidden_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, self.dtype
+        )
+        num_blocks = config.num_kv_blocks or num_blocks_for_budget(
+            self._kv_budget_bytes(config), per_block
+        )
+        self.cache_config = CacheConfig(
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            enable_prefix_caching=config.enable_prefix_caching,
+        )
+        budget = config.max_num_batched_tokens
+        if not config.enable_chunked_prefill:
+            budget = max(budget, self.max_model_len)
+        self.scheduler_config = SchedulerConfig(
+            max_num_batched_tokens=budget,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+        )
+        self.batcher = Batcher(self.scheduler_config, self.cache_config)
+        self.runner = ModelRunner(
+            loaded.model,
+            num_blocks,
+            config.block_size,
+            mc.num_hidden_layers,
+            mc.num_key_value_heads,
+            mc.head_dim,
+            self.dtype,
+            self.device,
+            config.attention_backend,
+        )
+        self.eos_token_id = self._eos_token_id()
+        self._requests: dict[str, _Request] = {}
+        self._seq_owner: dict[str, tuple[_Request, int]] = {}
+        logger.info(
+            "engine ready: %s on %s/%s, %d KV blocks of %d tokens (%.1f MiB), backend %s",
+            self.model_name,
+            self.device,
+            self.dtype,
+            num_blocks,
+            config.block_size,
+            num_blocks * per_block / 2**20,
+            self.runner.backend.name,
+        )
+
+    def _max_model_len(self, config: EngineConfig, model_max: int) -> int:
+        if config.max_model_len is None:
+            return min(model_max, DEFAULT_MAX_MODEL_LEN_CAP)
+        if config.max_model_len > model_max:
+            raise ValueError(
+                f"max_model_len: {config.max_model_len} exceeds the model's "
+                f"max_position_embeddings ({model_max})"
+            )
+        return config.max_model_len
+
+    def _kv_budget_bytes(self, config: EngineConfig) -> int:
+        if self.device.type == "cuda":
+            return cuda_kv_budget(self.device, config.gpu_memory_utilization)
+        return int(config.kv_cache_gib * 2**30)
+
+    def _eos_token_id(self) -> int | None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            return int(self.tokenizer.eos_token_id)
+        eos = self.model_config.eos_token_ids
+        return eos[0] if eos else None
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(
+                    "prompt: text prompts need a tokenizer; this model has none "
+                    "(pass token ids instead)"
+                )
+            return list(self.tokenizer.encode(prompt))
+        ids = list(prompt)
+        vocab = self.model_config.vocab_size
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"prompt: token id {t!r} is not an integer in [0, {vocab})")
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        if request_id in self._requests:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        token_ids = self.tokenize(prompt)
+        if not token_ids:
+            raise ValueError("prompt: must not be empty")
+        params = self._bound_params(params, len(token_ids))
+        seqs, detoks = [], []
+        for i in range(params.n):
+            child = params
+            if params.seed is not None and i:
+                child = dataclasses.replace(params, seed=(params.seed + i) % 2**63)
+            seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            seqs.append(
+                Sequence(
+                    seq_id=seq_id,
+                    prompt_token_ids=list(token_ids),
+                    params=child,
+                    eos_token_id=self.eos_token_id,
+                )
+            )
+            detoks.append(
+                IncrementalDetokenizer(self.tokenizer, token_ids, child)
+                if self.tokenizer is not None
+                else None
+            )
+        req = _Request(
+            request_id,
+            prompt if isinstance(prompt, str) else None,
+            token_ids,
+            seqs,
+            detoks,
+            [CompletionOutput(index=i) for i in range(params.n)],
+        )
+        for seq in seqs:  # Batcher.add validates before anything is allocated
+            self.batcher.add(seq)
+        self._requests[request_id] = req
+        for i, seq in enumerate(seqs):
+            self._seq_owner[seq.seq_id] = (req, i)
+
+    def _bound_params(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
+        limit = self.max_model_len
+        if prompt_len >= limit:
+            raise ValueError(
+                f"prompt: {prompt_len} tokens leave no room to generate within the "
+                f"context length of {limit} tokens"
+            )
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=limit - prompt_len)
+        elif prompt_len + params.max_tokens > limit:
+            raise ValueError(
+                f"max_tokens: prompt ({prompt_len} tokens) + max_tokens "
+                f"({params.max_tokens}) exceeds the context length of {limit} tokens"
+            )
+        extra_eos = tuple(e for e in self.model_config.eos_token_ids if e != self.eos_token_id)
+        if extra_eos and not params.ignore_eos:
+            merged = tuple(dict.fromkeys(params.stop_token_ids + extra_eos))
+            params = dataclasses.replace(params, stop_token_ids=merged)
+        return params
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq, out in zip(req.seqs, req.outputs, strict=True):
+            self.batcher.abort(seq.seq_id)
+            self._release(seq.seq_id)
+            if not out.finished:
+                out.finish_reason = "abort"
+        return self._snapshot(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """One model step. Returns an output (with this step's deltas) per request it advanced."""
+        batch = self.batcher.schedule()
+        if not batch.seqs:
+            return []
+        samples = self.runner.execute(batch)
+        advanced = self.batcher.update(batch, {sid: r.token_id for sid, r in samples.items()})
+        touched: dict[str, _Request] = {}
+        for out in self._all_outputs():
+            out.text_delta, out.token_ids_delta = "", []
+        for seq in advanced:
+            req, i = self._seq_owner[seq.seq_id]
+            self._record(req, i, seq, samples[seq.seq_id])
+            touched[req.request_id] = req
+        results = []
+        for req in touched.values():
+            results.append(self._snapshot(req))
+            if req.finished:
+                del self._requests[req.request_id]
+        return results
+
+    def _all_outputs(self):
+        for req in self._requests.values():
+            yield from req.outputs
+
+    def _record(self, req: _Request, i: int, seq: Sequence, sample) -> None:
+        out, detok = req.outputs[i], req.detoks[i]
+        token = seq.output_token_ids[-1]
+        out.token_ids.append(token)
+        out.token_ids_delta.append(token)
+        if sample.logprob is not None:
+            if out.logprobs is None:
+                out.logprobs = []
+            out.logprobs.append((token, sample.logprob, sample.top_logprobs or []))
+        if detok is not None:
+            delta = detok.add(token)
+            if detok.stop_hit is not None and not seq.is_finished:
+                self.batcher.finish(seq.seq_id, "stop", stop_reason=detok.stop_hit)
+            elif seq.is_finished and detok.stop_hit is None:
+                delta += detok.flush()
+            out.text_delta += delta
+            out.text = detok.text
+        if seq.is_finished:
+            out.finish_reason = seq.finish_reason
+            out.stop_reason = seq.stop_reason
+            self._release(seq.seq_id)
+
+    def _release(self, seq_id: str) -> None:
+        self.runner.release(seq_id)
+        self._seq_owner.pop(seq_id, None)
+
+    def _snapshot(self, req: _Request) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=[
+                dataclasses.replace(
+                    o,
+                    token_ids=list(o.token_ids),
+                    logprobs=list(o.logprobs) if o.logprobs else o.logprobs,
+                )
+                for o in req.outputs
+            ],
+            finished=req.finished,
+            num_cached_tokens=req.seqs[0].num_cached_tokens,
+        )
+
+    # ---- introspection --------------------------------------------------------------------
+
+    @property
+    def kv_usage(self) -> float:
+        return self.batcher.block_manager.usage

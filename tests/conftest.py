@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny dummy model folders and the default model, loaded once per session."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_config_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    (d / "config.json").write_text(json.dumps(TINY_LLAMA))
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The default model in float32 on CPU, shared by the tests that need real text."""
+    from baton import LLM
+
+    return LLM(
+        model="smollm2", device="cpu", dtype="float32", kv_cache_gib=0.25, show_progress=False
+    )

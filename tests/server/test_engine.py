@@ -1,0 +1,157 @@
+"""The engine on a tiny dummy model: batching, chunking, caching and preemption keep greedy
+output."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from baton import LLM, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def prompts(n, seed=0, lo=3, hi=60):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 256) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_config_dir):
+    """Each prompt alone, no chunking pressure, no prefix cache: the ground truth."""
+    llm = LLM(
+        model=tiny_config_dir,
+        load_format="dummy",
+        seed=0,
+        enable_prefix_caching=False,
+        show_progress=False,
+    )
+    ps = prompts(6)
+    return ps, [llm.generate([p], GREEDY)[0].token_ids for p in ps]
+
+
+def make(tiny_config_dir, **kw):
+    return LLM(model=tiny_config_dir, load_format="dummy", seed=0, show_progress=False, **kw)
+
+
+def assert_clean(llm):
+    eng = llm.engine
+    assert not eng.has_unfinished_requests()
+    assert eng.batcher.block_manager.num_used_blocks == 0
+    assert eng.kv_usage == 0.0
+
+
+def test_batched_equals_alone(tiny_config_dir, reference):
+    ps, ref = reference
+    llm = make(tiny_config_dir)
+    outs = llm.generate(ps, GREEDY)
+    assert [o.token_ids for o in outs] == ref
+    assert all(o.outputs[0].finish_reason == "length" for o in outs)
+    assert_clean(llm)
+
+
+def test_chunked_prefill_equals_whole(tiny_config_dir, reference):
+    ps, ref = reference
+    llm = make(tiny_config_dir, max_num_batched_tokens=16)  # every long prompt is split
+    assert [o.token_ids for o in llm.generate(ps, GREEDY)] == ref
+    assert_clean(llm)
+
+
+def test_prefix_cache_hit_keeps_output(tiny_config_dir, reference):
+    ps, ref = reference
+    llm = make(tiny_config_dir)
+    long = [p for p in ps if len(p) > 40][0]
+    first = llm.generate([long], GREEDY)[0]
+    again = llm.generate([long], GREEDY)[0]
+    assert first.num_cached_tokens == 0
+    assert again.num_cached_tokens == (len(long) - 1) // 16 * 16 > 0
+    assert again.token_ids == first.token_ids == ref[ps.index(long)]
+    assert_clean(llm)
+
+
+def test_preemption_recomputes_to_same_output(tiny_config_dir, reference):
+    ps, ref = reference
+    # 8 blocks of 16 tokens cannot hold six sequences of up to 72 tokens: some are preempted.
+    llm = make(tiny_config_dir, num_kv_blocks=8, enable_prefix_caching=False)
+    outs = llm.generate(ps, GREEDY)
+    assert [o.token_ids for o in outs] == ref
+    assert llm.engine.batcher.num_preemptions > 0
+    assert_clean(llm)
+
+
+def test_bad_input_leaves_nothing_allocated(tiny_config_dir):
+    llm = make(tiny_config_dir, max_model_len=64)
+    with pytest.raises(ValueError, match="prompt"):
+        llm.generate([[5, 6], []], GREEDY)
+    with pytest.raises(ValueError, match="max_tokens"):
+        llm.generate([[5] * 60], SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match="prompt"):
+        llm.generate([[5] * 64], SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="token id"):
+        llm.generate([[5, 999]], GREEDY)
+    with pytest.raises(ValueError, match="text prompts need a tokenizer"):
+        llm.generate("hello", GREEDY)
+    assert_clean(llm)
+    # The engine still works afterwards.
+    assert len(llm.generate([[5, 6, 7]], GREEDY)[0].token_ids) == 12
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"n": 0}, "n"),
+        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+        ({"logprobs": 99}, "logprobs"),
+        ({"top_k": -3}, "top_k"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_bad_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kwargs)
+
+
+def test_unknown_model_and_arguments(tiny_config_dir):
+    with pytest.raises(ValueError, match="no-such-model"):
+        LLM(model="no-such-model")
+    with pytest.raises(ValueError, match="unknown argument"):
+        LLM(model=tiny_config_dir, load_format="dummy", bogus=1)
+    with pytest.raises(ValueError, match="dtype"):
+        LLM(model=tiny_config_dir, load_format="dummy", dtype="int3")
+
+
+def test_max_model_len_finishes_with_length(tiny_config_dir):
+    llm = make(tiny_config_dir, max_model_len=32)
+    out = llm.generate([[5] * 20], SamplingParams(max_tokens=None, temperature=0, ignore_eos=True))[
+        0
+    ]
+    assert len(out.token_ids) == 12 and out.outputs[0].finish_reason == "length"
+
+
+def test_n_children_and_seeds(tiny_config_dir):
+    llm = make(tiny_config_dir)
+    p = SamplingParams(n=3, max_tokens=8, temperature=1.0, seed=7, ignore_eos=True)
+    a = llm.generate([[5, 6, 7]], p)[0]
+    b = llm.generate([[5, 6, 7], [9, 9, 9, 9]], [p, SamplingParams(max_tokens=5)])[0]
+    assert len(a.outputs) == 3 and [o.index for o in a.outputs] == [0, 1, 2]
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+    assert len({tuple(o.token_ids) for o in a.outputs}) > 1  # children differ
+    assert_clean(llm)
+
+
+def test_abort_frees_blocks(tiny_config_dir):
+    llm = make(tiny_config_dir)
+    eng = llm.engine
+    eng.add_request("a", [5] * 40, SamplingParams(max_tokens=50, ignore_eos=True))
+    eng.add_request("b", [6] * 40, SamplingParams(max_tokens=50, ignore_eos=True))
+    eng.step()
+    assert eng.kv_usage > 0
+    out = eng.abort_request("a")
+    assert out.finished and out.outputs[0].finish_reason == "abort"
+    assert eng.abort_request("a") is None
+    eng.abort_request("b")
+    assert_clean(llm)
