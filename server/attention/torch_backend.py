@@ -1,4 +1,5 @@
-"""Reference attention backend: gathers pages with torch indexing and runs SDPA. Works on CPU."""
+"""Reference attention backend: gathers cached tokens with torch indexing, then plain matmuls or
+SDPA. Works on CPU and is the ground truth for the Triton kernels."""
 
 from __future__ import annotations
 
@@ -8,63 +9,93 @@ import torch.nn.functional as F
 from baton.server.attention.base import AttentionBackend, AttentionMetadata
 
 
+def _token_rows(layer_cache: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A [rows, Hkv, D] view of the cache in which token `o` of block `b` is row `b * step + o`
+    for K and `b * step + block_size + o` for V; returns (view, step).
+
+    NOTE: the layer view is strided (blocks hold every layer); rows of one layer are still
+    evenly spaced, so one flat view lets index_select/index_copy_ move whole rows at once.
+    """
+    nb, two, bs, hkv, d = layer_cache.shape
+    row = hkv * d
+    if two != 2 or layer_cache.stride()[1:] != (bs * row, row, d, 1):
+        raise ValueError("layer_cache must be a [num_blocks, 2, block_size, Hkv, D] block view")
+    step = layer_cache.stride(0) // row
+    flat = layer_cache.as_strided(((nb - 1) * step + 2 * bs, hkv, d), (row, d, 1))
+    return flat, step
+
+
 class TorchAttentionBackend(AttentionBackend):
-    """Decodes are batched into one padded SDPA call; prefills run one SDPA call per sequence."""
+    """Decodes are batched into grouped matmuls; prefills run one SDPA call per sequence."""
 
     name = "torch"
 
     def prepare(self, meta: AttentionMetadata) -> None:
+        """Per-step indices shared by every layer (positions as block-relative token rows)."""
         bs = meta.block_size
         device = meta.slot_mapping.device
-        meta.extras["slot_block"] = meta.slot_mapping // bs
-        meta.extras["slot_offset"] = meta.slot_mapping % bs
+        tables = meta.block_tables.long()
+        slots = meta.slot_mapping
+        # Block index and offset of each new token; rows need the layer's step, known in forward.
+        meta.extras["new"] = (slots // bs, slots % bs)
         nd = meta.num_decodes
         if nd:
-            # Token positions [nd, max_len] of each decode's context, gathered through its pages.
             max_len = max(meta.seq_lens_cpu[:nd])
             pos = torch.arange(max_len, device=device)
             lens = meta.seq_lens[:nd].long()
-            # NOTE: padding positions re-read the last real token (masked out), never a stale slot.
+            # NOTE: padding re-reads the last real token (then masked out), never a stale slot.
             pos2d = torch.minimum(pos[None, :], lens[:, None] - 1)
-            tables = meta.block_tables[:nd].long()
-            meta.extras["dec_block"] = tables.gather(1, pos2d // bs)
-            meta.extras["dec_offset"] = pos2d % bs
-            meta.extras["dec_mask"] = (pos[None, :] < lens[:, None])[:, None, None, :]
+            blk = tables[:nd].gather(1, pos2d // bs)
+            meta.extras["dec"] = (blk, pos2d % bs)
+            bias = torch.zeros(nd, max_len, device=device)
+            bias.masked_fill_(pos[None, :] >= lens[:, None], float("-inf"))
+            meta.extras["dec_bias"] = bias[:, None, None, :]  # [nd, 1, 1, L]
         pf = []
         for i in range(nd, meta.num_seqs):
-            s = meta.seq_lens_cpu[i]
-            pos = torch.arange(s, device=device)
-            table = meta.block_tables[i].long()
-            pf.append((table[pos // bs], pos % bs))
-        meta.extras["pf_index"] = pf
+            pos = torch.arange(meta.seq_lens_cpu[i], device=device)
+            pf.append((tables[i][pos // bs], pos % bs))
+        meta.extras["pf"] = pf
 
     def forward(self, q, k, v, layer_cache, meta, scale):
         # q: [T, H, D]; k, v: [T, Hkv, D]; layer_cache: [num_blocks, 2, block_size, Hkv, D]
-        if "slot_block" not in meta.extras:
+        if "new" not in meta.extras:
             self.prepare(meta)
         ex = meta.extras
-        k_cache, v_cache = layer_cache[:, 0], layer_cache[:, 1]
-        k_cache[ex["slot_block"], ex["slot_offset"]] = k.to(k_cache.dtype)
-        v_cache[ex["slot_block"], ex["slot_offset"]] = v.to(v_cache.dtype)
+        bs = meta.block_size
+        flat, step = _token_rows(layer_cache)
+        blk, off = ex["new"]
+        k_rows = blk * step + off
+        flat.index_copy_(0, k_rows, k.to(flat.dtype))
+        flat.index_copy_(0, k_rows + bs, v.to(flat.dtype))
         out = torch.empty_like(q)
-        gqa = q.shape[1] != k.shape[1]
+        h, hkv, d = q.shape[1], k.shape[1], q.shape[2]
         nd = meta.num_decodes
         if nd:
-            blk, off = ex["dec_block"], ex["dec_offset"]
-            kk = k_cache[blk, off].transpose(1, 2)  # [nd, Hkv, L, D]
-            vv = v_cache[blk, off].transpose(1, 2)
-            qq = q[:nd].unsqueeze(2)  # [nd, H, 1, D]
-            o = F.scaled_dot_product_attention(
-                qq, kk, vv, attn_mask=ex["dec_mask"], scale=scale, enable_gqa=gqa
-            )
-            out[:nd] = o.squeeze(2)
+            # Gather each decode's context per KV head, [nd, Hkv, L, D], ready for batched matmuls.
+            rows = ex.get(("dec_rows", step))
+            if rows is None:
+                blk, off = ex["dec"]
+                tok = (blk * step + off)[:, None, :] * hkv  # [nd, 1, L]
+                rows = (tok + torch.arange(hkv, device=tok.device)[None, :, None]).reshape(-1)
+                ex[("dec_rows", step)] = rows
+            length = ex["dec"][0].shape[1]
+            head_rows = flat.view(-1, d)  # one row per (token slot, KV head)
+            kk = head_rows.index_select(0, rows).view(nd, hkv, length, d)
+            vv = head_rows.index_select(0, rows + bs * hkv).view(nd, hkv, length, d)
+            # The query heads sharing a KV head attend together: [nd, Hkv, G, D].
+            qq = q[:nd].reshape(nd, hkv, h // hkv, d).to(flat.dtype)
+            scores = torch.matmul(qq, kk.transpose(2, 3)).float() * scale + ex["dec_bias"]
+            probs = scores.softmax(-1).to(vv.dtype)
+            out[:nd] = torch.matmul(probs, vv).reshape(nd, h, d).to(q.dtype)
         qs = meta.query_lens_cpu
         start = nd  # decodes own exactly one row each
-        for j, (blk, off) in enumerate(ex["pf_index"]):
+        gqa = h != hkv
+        for j, (pblk, poff) in enumerate(ex["pf"]):
             i = nd + j
             ql, sl = qs[i], meta.seq_lens_cpu[i]
-            kk = k_cache[blk, off].transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
-            vv = v_cache[blk, off].transpose(0, 1).unsqueeze(0)
+            rows = pblk * step + poff
+            kk = flat.index_select(0, rows).transpose(0, 1).unsqueeze(0)  # [1, Hkv, S, D]
+            vv = flat.index_select(0, rows + bs).transpose(0, 1).unsqueeze(0)
             qq = q[start : start + ql].transpose(0, 1).unsqueeze(0)  # [1, H, Q, D]
             if ql == sl:
                 o = F.scaled_dot_product_attention(
