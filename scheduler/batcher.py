@@ -28,6 +28,10 @@ class Batcher:
         )
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        # Disaggregation: sequences that hold blocks outside the batch. `detached`: prompts whose
+        # KV is being shipped away (freed on ack); `reserved`: KV being received (joined on commit).
+        self.detached: dict[str, Sequence] = {}
+        self.reserved: dict[str, Sequence] = {}
         self._seqs: dict[str, Sequence] = {}  # unfinished sequences by id
         self._arrivals = itertools.count(1)
         self.num_preemptions = 0  # total over the batcher's life, for metrics and tests
@@ -48,13 +52,25 @@ class Batcher:
     def has_unfinished(self) -> bool:
         return bool(self._seqs)
 
+    @property
+    def live_seqs(self) -> list[Sequence]:
+        """Every sequence that may hold blocks (for invariant checks)."""
+        return [*self.waiting, *self.running, *self.detached.values(), *self.reserved.values()]
+
     def get(self, seq_id: str) -> Sequence | None:
         """The unfinished sequence with this id, if any."""
         return self._seqs.get(seq_id)
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence; raises ValueError, changing nothing, if it could never fit."""
-        if seq.seq_id in self._seqs:
+        self._validate(seq)
+        seq.arrival = next(self._arrivals)
+        seq.status = SequenceStatus.WAITING
+        self._seqs[seq.seq_id] = seq
+        self.waiting.append(seq)
+
+    def _validate(self, seq: Sequence) -> None:
+        if seq.seq_id in self._seqs or seq.seq_id in self.detached:
             raise ValueError(f"seq_id: {seq.seq_id!r} is already scheduled")
         if not seq.prompt_token_ids:
             raise ValueError("prompt: must not be empty")
@@ -71,10 +87,60 @@ class Batcher:
                 f"{total} tokens need {blocks} KV blocks of {self.cache_config.block_size} tokens, "
                 f"but the cache has only {self.cache_config.num_blocks} blocks"
             )
-        seq.arrival = next(self._arrivals)
+
+    # ---- disaggregation: the prefill side ----------------------------------------------------
+
+    def detach(self, seq_id: str) -> Sequence:
+        """Take a running sequence out of the batch but keep its blocks (its KV is being shipped);
+        `release_detached` frees them. It counts as finished here."""
+        seq = self._seqs.pop(seq_id)
+        self.running.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "handoff"
+        self.detached[seq_id] = seq
+        return seq
+
+    def release_detached(self, seq_id: str) -> bool:
+        seq = self.detached.pop(seq_id, None)
+        if seq is None:
+            return False
+        self.block_manager.free(seq)
+        return True
+
+    # ---- disaggregation: the decode side -----------------------------------------------------
+
+    def reserve(self, seq: Sequence) -> bool:
+        """Allocate blocks for a prompt whose KV will arrive from elsewhere. Raises ValueError if
+        it could never fit; returns False, holding nothing, if the blocks are not free now."""
+        self._validate(seq)
+        if seq.seq_id in self.reserved:
+            raise ValueError(f"seq_id: {seq.seq_id!r} is already reserved")
+        if not self.block_manager.allocate_slots(seq, seq.num_prompt_tokens):
+            return False
         seq.status = SequenceStatus.WAITING
-        self._seqs[seq.seq_id] = seq
-        self.waiting.append(seq)
+        self.reserved[seq.seq_id] = seq
+        return True
+
+    def commit(self, seq_id: str, first_token: int) -> Sequence:
+        """The reserved prompt's KV has arrived: join the batch with its first token sampled."""
+        seq = self.reserved.pop(seq_id)
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.block_manager.cache_full_blocks(seq)
+        seq.output_token_ids.append(first_token)
+        seq.arrival = next(self._arrivals)
+        seq.status = SequenceStatus.RUNNING
+        self._seqs[seq_id] = seq
+        self.running.append(seq)  # the newest running sequence
+        self._check_stop(seq, first_token)
+        return seq
+
+    def cancel_reservation(self, seq_id: str) -> bool:
+        seq = self.reserved.pop(seq_id, None)
+        if seq is None:
+            return False
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        return True
 
     def _num_to_schedule(self, seq: Sequence, budget: int) -> int:
         n = min(seq.num_uncomputed_tokens, budget)

@@ -26,6 +26,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     show_progress: bool = True
+    # Workers behind a router leave text (and stop strings) to the router.
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

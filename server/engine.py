@@ -40,6 +40,18 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+@dataclass(frozen=True)
+class Handoff:
+    """A prompt computed here whose KV (in `block_ids`) goes to a decode worker."""
+
+    request_id: str
+    block_ids: list[int]
+    num_prompt_tokens: int
+    first_token: int
+    first_logprobs: tuple | None
+    num_cached_tokens: int
+
+
 @dataclass
 class _Request:
     request_id: str
@@ -48,6 +60,7 @@ class _Request:
     seqs: list[Sequence]
     detoks: list[IncrementalDetokenizer | None]
     outputs: list[CompletionOutput] = field(default_factory=list)
+    handoff: bool = False  # prefill role: hand the KV over after the first token
 
     @property
     def finished(self) -> bool:
@@ -109,6 +122,8 @@ class LLMEngine:
         self.eos_token_id = self._eos_token_id()
         self._requests: dict[str, _Request] = {}
         self._seq_owner: dict[str, tuple[_Request, int]] = {}
+        self._handoff_seqs: dict[str, Sequence] = {}  # detached, KV not yet acknowledged
+        self._new_handoffs: list[Handoff] = []
         logger.info(
             "engine ready: %s on %s/%s, %d KV blocks of %d tokens (%.1f MiB), backend %s",
             self.model_name,
@@ -158,12 +173,24 @@ class LLMEngine:
                 raise ValueError(f"prompt: token id {t!r} is not an integer in [0, {vocab})")
         return ids
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
-        if request_id in self._requests:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        handoff: bool = False,
+    ) -> None:
+        """Queue a request. With `handoff`, it stops after its first token and keeps its prompt's
+        KV blocks for `take_handoffs` (the prefill role of a disaggregated server)."""
+        if request_id in self._requests or request_id in self._handoff_seqs:
             raise ValueError(f"request_id: {request_id!r} is already running")
         token_ids = self.tokenize(prompt)
         if not token_ids:
             raise ValueError("prompt: must not be empty")
+        if handoff and params.n != 1:
+            raise ValueError("n: a handed-off request must have n == 1")
+        if params.stop and not self.config.detokenize:
+            raise ValueError("stop: stop strings need an engine that detokenizes")
         params = self._bound_params(params, len(token_ids))
         seqs, detoks = [], []
         for i in range(params.n):
@@ -181,7 +208,7 @@ class LLMEngine:
             )
             detoks.append(
                 IncrementalDetokenizer(self.tokenizer, token_ids, child)
-                if self.tokenizer is not None
+                if self.tokenizer is not None and self.config.detokenize
                 else None
             )
         req = _Request(
@@ -191,6 +218,7 @@ class LLMEngine:
             seqs,
             detoks,
             [CompletionOutput(index=i) for i in range(params.n)],
+            handoff=handoff,
         )
         for seq in seqs:  # Batcher.add validates before anything is allocated
             self.batcher.add(seq)
@@ -219,6 +247,8 @@ class LLMEngine:
         return params
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        if self.release_handoff(request_id) or self.batcher.cancel_reservation(request_id):
+            return None
         req = self._requests.pop(request_id, None)
         if req is None:
             return None
@@ -254,8 +284,10 @@ class LLMEngine:
             touched[req.request_id] = req
         results = []
         for req in touched.values():
+            if req.handoff and not req.finished:
+                self._detach(req)
             results.append(self._snapshot(req))
-            if req.finished:
+            if req.finished or req.handoff:
                 del self._requests[req.request_id]
         return results
 
@@ -311,3 +343,78 @@ class LLMEngine:
     @property
     def kv_usage(self) -> float:
         return self.batcher.block_manager.usage
+
+    # ---- disaggregation -------------------------------------------------------------------
+
+    def _detach(self, req: _Request) -> None:
+        seq = self.batcher.detach(req.seqs[0].seq_id)
+        self._release(seq.seq_id)
+        self._handoff_seqs[req.request_id] = seq
+        out = req.outputs[0]
+        self._new_handoffs.append(
+            Handoff(
+                request_id=req.request_id,
+                block_ids=list(seq.block_table),
+                num_prompt_tokens=seq.num_prompt_tokens,
+                first_token=seq.output_token_ids[0],
+                first_logprobs=out.logprobs[0] if out.logprobs else None,
+                num_cached_tokens=seq.num_cached_tokens,
+            )
+        )
+
+    def take_handoffs(self) -> list[Handoff]:
+        """Requests whose prompt finished in the last steps: ship `block_ids`, then release."""
+        done, self._new_handoffs = self._new_handoffs, []
+        return done
+
+    def prefill_progress(self, request_id: str) -> tuple[list[int], int] | None:
+        """(block table, number of leading blocks whose KV is complete) of a request still in
+        prefill with handoff, so its KV can be shipped before the prompt is done."""
+        req = self._requests.get(request_id)
+        if req is None or not req.handoff:
+            return None
+        seq = req.seqs[0]
+        done = min(seq.num_computed_tokens, seq.num_prompt_tokens) // self.cache_config.block_size
+        return list(seq.block_table), done
+
+    def release_handoff(self, request_id: str) -> bool:
+        """Free a handed-off prompt's blocks (the receiver acknowledged, or gave up)."""
+        if self._handoff_seqs.pop(request_id, None) is None:
+            return False
+        return self.batcher.release_detached(request_id)
+
+    def reserve_prefilled(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> list[int] | None:
+        """Allocate blocks for a prompt whose KV comes from a prefill worker. Returns the block
+        ids to write, or None when they are not free now; ValueError if it could never fit."""
+        if request_id in self._requests or request_id in self.batcher.reserved:
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        if params.n != 1:
+            raise ValueError("n: a handed-off request must have n == 1")
+        ids = self.tokenize(list(prompt_token_ids))
+        if not ids:
+            raise ValueError("prompt: must not be empty")
+        params = self._bound_params(params, len(ids))
+        seq = Sequence(request_id, ids, params, eos_token_id=self.eos_token_id)
+        if not self.batcher.reserve(seq):
+            return None
+        return list(seq.block_table)
+
+    def commit_prefilled(
+        self, request_id: str, first_token: int, first_logprobs: tuple | list | None = None
+    ) -> RequestOutput | None:
+        """The reserved prompt's KV is in place: decode from its first token on. Returns an
+        output only if the first token already ends the request."""
+        seq = self.batcher.commit(request_id, first_token)
+        req = _Request(request_id, None, list(seq.prompt_token_ids), [seq], [None])
+        out = CompletionOutput(index=0, token_ids=[first_token])
+        if first_logprobs is not None:
+            out.logprobs = [tuple(first_logprobs)]
+        req.outputs.append(out)
+        if seq.is_finished:
+            out.finish_reason, out.stop_reason = seq.finish_reason, seq.stop_reason
+            return self._snapshot(req)
+        self._requests[request_id] = req
+        self._seq_owner[seq.seq_id] = (req, 0)
+        return None

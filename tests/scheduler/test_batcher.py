@@ -267,3 +267,38 @@ def test_max_num_seqs_limits_admission():
     batch, _ = step(b)
     assert [s.seq_id for s in batch.seqs] == ["s0", "s1"]
     assert b.num_running == 2 and b.num_waiting == 1
+
+
+def test_detached_sequence_keeps_its_blocks_until_released():
+    b = make_batcher()
+    b.add(make_seq("a", 9))
+    step(b)  # the whole prompt, first token sampled
+    seq = b.detach("a")
+    assert not b.running and not b.has_unfinished and seq.finish_reason == "handoff"
+    assert b.block_manager.num_used_blocks == 3
+    b.block_manager.check_invariants(b.live_seqs)
+    assert b.release_detached("a") and not b.release_detached("a")
+    assert b.block_manager.num_used_blocks == 0
+
+
+def test_reserved_sequence_joins_the_batch_on_commit():
+    b = make_batcher(num_blocks=4)
+    assert b.reserve(make_seq("a", 9, max_tokens=4))  # 3 blocks now, 4 at most
+    assert not b.reserve(make_seq("b", 9, max_tokens=4))  # not now, and it holds nothing
+    assert b.block_manager.num_used_blocks == 3
+    b.block_manager.check_invariants(b.live_seqs)
+    seq = b.commit("a", first_token=7)
+    assert seq.num_computed_tokens == 9 and seq.output_token_ids == [7]
+    batch, advanced = step(b)
+    assert batch.num_new_tokens == [1] and advanced == [seq]  # decodes straight away
+    run_to_end(b)
+    assert b.block_manager.num_used_blocks == 0
+
+
+def test_cancelled_reservation_frees_its_blocks():
+    b = make_batcher()
+    assert b.reserve(make_seq("a", 9))
+    assert b.cancel_reservation("a") and not b.cancel_reservation("a")
+    assert b.block_manager.num_used_blocks == 0
+    with pytest.raises(ValueError, match="exceeds max_model_len"):
+        b.reserve(make_seq("big", 250, max_tokens=10))

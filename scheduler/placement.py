@@ -1,0 +1,113 @@
+"""Which worker gets a request, and which workers may join the pool (pure Python)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class WorkerState:
+    """What the router knows of one worker, from its registration and heartbeats."""
+
+    worker_id: str
+    role: str  # "prefill", "decode" or "both"
+    pid: int
+    host: str
+    model: str
+    layout: tuple  # (num_layers, block_size, num_kv_heads, head_dim, dtype)
+    kv_endpoint: str
+    max_model_len: int
+    num_blocks: int
+    last_seen: float
+    running: int = 0
+    waiting: int = 0
+    kv_usage: float = 0.0
+    num_free_blocks: int = 0
+    assigned: set[str] = field(default_factory=set)  # request ids the router sent here
+    served: int = 0  # requests ever placed here
+    state: str = "ready"  # "ready" or "dead"
+
+    @property
+    def load(self) -> int:
+        # NOTE: heartbeats lag; requests assigned since the last one count too.
+        return max(self.running + self.waiting, len(self.assigned))
+
+    def as_dict(self) -> dict:
+        return {
+            "id": self.worker_id,
+            "role": self.role,
+            "pid": self.pid,
+            "host": self.host,
+            "state": self.state,
+            "running": self.running,
+            "waiting": self.waiting,
+            "assigned": len(self.assigned),
+            "served": self.served,
+            "kv_endpoint": self.kv_endpoint,
+            "kv_usage": self.kv_usage,
+            "num_free_blocks": self.num_free_blocks,
+            "num_blocks": self.num_blocks,
+        }
+
+
+class Pool:
+    """The registered workers. The first one fixes the model and KV layout; later ones must
+    match, so a request never fails on a mismatch found mid-handoff."""
+
+    def __init__(self, mode: str, model: str | None = None) -> None:
+        if mode not in ("disagg", "colocated"):
+            raise ValueError(f"mode: must be 'disagg' or 'colocated', got {mode!r}")
+        self.mode = mode
+        self.model = model
+        self.layout: tuple | None = None
+        self.workers: dict[str, WorkerState] = {}
+
+    def admit(self, w: WorkerState) -> str | None:
+        """Add `w`, or return why it is refused."""
+        roles = ("prefill", "decode") if self.mode == "disagg" else ("both",)
+        if w.role not in roles:
+            return f"role {w.role!r} does not serve a {self.mode} pool (wants {' or '.join(roles)})"
+        if self.model is not None and w.model != self.model:
+            return f"model {w.model!r} differs from the pool's {self.model!r}"
+        if self.layout is not None and tuple(w.layout) != self.layout:
+            return f"KV layout {tuple(w.layout)} differs from the pool's {self.layout}"
+        if w.role == "decode" and not w.kv_endpoint:
+            return "a decode worker must publish a KV endpoint"
+        self.model = w.model
+        self.layout = tuple(w.layout)
+        self.workers[w.worker_id] = w
+        return None
+
+    def ready(self, role: str) -> list[WorkerState]:
+        return [w for w in self.workers.values() if w.role == role and w.state == "ready"]
+
+    def pick_prefill(self) -> WorkerState | None:
+        """Least loaded."""
+        role = "prefill" if self.mode == "disagg" else "both"
+        cands = self.ready(role)
+        return min(cands, key=lambda w: (w.load, w.worker_id)) if cands else None
+
+    def pick_decode(self, blocks_needed: int) -> WorkerState | None:
+        """Most free KV (net of what was just assigned), then the smallest running batch."""
+        cands = [w for w in self.ready("decode") if w.num_blocks >= blocks_needed]
+        if not cands:
+            return None
+        return min(cands, key=lambda w: (-w.num_free_blocks, w.load, w.worker_id))
+
+    def expire(self, now: float, timeout: float) -> list[WorkerState]:
+        """Mark workers silent for `timeout` seconds dead; returns the newly dead."""
+        dead = []
+        for w in self.workers.values():
+            if w.state == "ready" and now - w.last_seen > timeout:
+                w.state = "dead"
+                dead.append(w)
+        return dead
+
+    def health(self) -> tuple[bool, str]:
+        if self.mode == "colocated":
+            ok = bool(self.ready("both"))
+            return ok, "ready" if ok else "no colocated worker is ready"
+        missing = [r for r in ("prefill", "decode") if not self.ready(r)]
+        if missing:
+            return False, f"no {' and no '.join(missing)} worker is ready"
+        return True, "ready"
