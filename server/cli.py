@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
 
@@ -39,11 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-tokens", type=int, default=48)
     demo.add_argument("--prompt", action="append", help="a user message (repeatable)")
     demo.set_defaults(func=_demo)
+    from baton.server.launch import add_subcommands
+
+    add_subcommands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("BATON_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s",
+    )
     return args.func(args)
 
 

@@ -1,0 +1,203 @@
+"""`baton serve`, `baton router` and `baton worker`: start the parts, alone or all together."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+logger = logging.getLogger("baton")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2", help="alias, HF folder, .gguf or config")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size on CPU")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_router_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("BATON_API_KEY"))
+    p.add_argument("--mode", default="disagg", choices=["disagg", "colocated"])
+
+
+def _engine_config(args, num_on_device: int = 1):
+    from baton.server.config import EngineConfig
+
+    util = args.gpu_memory_utilization or round(0.85 / max(1, num_on_device), 3)
+    return EngineConfig(
+        model=args.model,
+        load_format=args.load_format,
+        dtype=args.dtype,
+        device=args.device,
+        seed=args.seed,
+        block_size=args.block_size,
+        kv_cache_gib=args.kv_cache_gib,
+        gpu_memory_utilization=util,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        show_progress=False,
+        detokenize=False,
+    )
+
+
+def _serve_config(args, control: str):
+    from baton.server.router.backend import RouterConfig
+    from baton.server.router.server import ServeConfig
+
+    return ServeConfig(
+        model=args.model,
+        load_format=args.load_format,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        router=RouterConfig(mode=args.mode, control=control),
+    )
+
+
+def run_worker(args) -> int:
+    from baton.server.worker.config import WorkerConfig
+    from baton.server.worker.worker import Worker
+
+    kw = {"worker_id": args.worker_id} if args.worker_id else {}
+    cfg = WorkerConfig(
+        role=args.role,
+        router=args.router,
+        engine=_engine_config(args, args.workers_on_device),
+        kv_host=args.kv_host,
+        kv_port=args.kv_port,
+        **kw,
+    )
+    worker = Worker(cfg)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "running", False))
+    with contextlib.suppress(KeyboardInterrupt):
+        worker.run()
+    return 0
+
+
+def run_router(args) -> int:
+    from baton.server.router.server import build_backend, serve_router
+
+    cfg = _serve_config(args, args.control)
+    backend = build_backend(cfg)
+    print(f"router: workers connect to {backend.endpoint}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve_router(cfg, backend, ready=lambda _s: _announce(cfg)))
+    return 0
+
+
+def _announce(cfg) -> None:
+    print(f"Baton listening on http://{cfg.host}:{cfg.port}/v1", flush=True)
+
+
+def worker_command(args, role: str, router: str, index: int, num_workers: int) -> list[str]:
+    cmd = [sys.executable, "-m", "baton.server.cli", "worker", "--role", role]
+    cmd += ["--router", router, "--model", args.model, "--load-format", args.load_format]
+    cmd += ["--dtype", args.dtype, "--kv-cache-gib", str(args.kv_cache_gib)]
+    cmd += ["--block-size", str(args.block_size), "--seed", str(args.seed)]
+    cmd += ["--max-num-seqs", str(args.max_num_seqs), "--workers-on-device", str(num_workers)]
+    cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    cmd += ["--worker-id", f"{role}-{index}-{os.getpid()}"]
+    for flag, value in (
+        ("--device", args.device),
+        ("--max-model-len", args.max_model_len),
+        ("--gpu-memory-utilization", args.gpu_memory_utilization),
+    ):
+        if value is not None:
+            cmd += [flag, str(value)]
+    return cmd
+
+
+def run_serve(args) -> int:
+    """Router in this process, workers as child processes; the URL is printed once ready."""
+    from baton.server.router.server import build_backend, serve_router
+
+    cfg = _serve_config(args, "tcp://127.0.0.1:0")
+    backend = build_backend(cfg)
+    print(f"router: workers connect to {backend.endpoint}", flush=True)
+    if args.mode == "colocated":
+        roles = ["both"] * args.workers
+    else:
+        roles = ["prefill"] * args.prefill_workers + ["decode"] * args.decode_workers
+    procs = [
+        subprocess.Popen(worker_command(args, r, backend.endpoint, i, len(roles)))
+        for i, r in enumerate(roles)
+    ]
+
+    async def main() -> int:
+        ready = asyncio.Event()
+        serving = asyncio.create_task(serve_router(cfg, backend, ready=lambda _s: ready.set()))
+        await ready.wait()
+        while not backend.health()[0]:
+            dead = [p for p in procs if p.poll() is not None]
+            if dead or serving.done():
+                logger.error("a worker exited before the server was ready")
+                serving.cancel()
+                return 1
+            await asyncio.sleep(0.1)
+        _announce(cfg)
+        while not serving.done():
+            await asyncio.sleep(0.5)
+        return 0
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def add_subcommands(sub) -> None:
+    serve = sub.add_parser("serve", help="router + prefill and decode pools on this machine")
+    add_model_args(serve)
+    add_engine_args(serve)
+    add_router_args(serve)
+    serve.add_argument("--prefill-workers", type=int, default=1)
+    serve.add_argument("--decode-workers", type=int, default=1)
+    serve.add_argument("--workers", type=int, default=1, help="colocated mode: pool size")
+    serve.set_defaults(func=run_serve)
+
+    router = sub.add_parser("router", help="the HTTP router alone; workers join it")
+    add_model_args(router)
+    add_router_args(router)
+    router.add_argument("--control", default="tcp://0.0.0.0:8001", help="where workers connect")
+    router.set_defaults(func=run_router)
+
+    worker = sub.add_parser("worker", help="one prefill, decode or colocated worker")
+    add_model_args(worker)
+    add_engine_args(worker)
+    worker.add_argument("--role", required=True, choices=["prefill", "decode", "both"])
+    worker.add_argument("--router", required=True, help="e.g. tcp://ROUTER_HOST:8001")
+    worker.add_argument("--kv-host", default="127.0.0.1", help="address peers reach this on")
+    worker.add_argument("--kv-port", type=int, default=0)
+    worker.add_argument("--worker-id", default=None)
+    worker.add_argument("--workers-on-device", type=int, default=1, help=argparse.SUPPRESS)
+    worker.set_defaults(func=run_worker)

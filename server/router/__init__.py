@@ -1,0 +1,1 @@
+"""The router: OpenAI HTTP in front, ZeroMQ to the worker pools behind."""

@@ -1,0 +1,75 @@
+"""Run the router: the HTTP app and the ZeroMQ backend on one asyncio loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import uvicorn
+
+from baton.server.api.app import build_app
+from baton.server.api.metrics import Metrics
+from baton.server.router.backend import RouterConfig, ZmqBackend
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_MODEL_LEN_CAP = 8192  # the engine's default cap, so workers always cover it
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = "smollm2"
+    load_format: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    max_model_len: int | None = None
+    block_size: int = 16
+    router: RouterConfig = RouterConfig()
+
+
+def build_backend(config: ServeConfig) -> ZmqBackend:
+    from baton.server.loader import resolve_model
+
+    spec = resolve_model(config.model, config.load_format)
+    model_max = spec.config.max_position_embeddings
+    max_len = config.max_model_len or min(model_max, DEFAULT_MAX_MODEL_LEN_CAP)
+    if max_len > model_max:
+        raise ValueError(f"max_model_len: {max_len} exceeds the model's {model_max}")
+    tokenizer = spec.load_tokenizer()
+    if tokenizer is None:
+        raise ValueError(f"model: {config.model!r} has no tokenizer; the router needs one")
+    metrics = Metrics()
+    return ZmqBackend(
+        config.router,
+        tokenizer,
+        max_len,
+        spec.name,
+        block_size=config.block_size,
+        metrics=metrics,
+    )
+
+
+async def serve_router(config: ServeConfig, backend: ZmqBackend, ready=None) -> None:
+    """Serve until cancelled. `ready`, if given, is called once the socket listens."""
+    backend.start()
+    app = build_app(
+        backend, served_model_name=config.model, api_key=config.api_key, metrics=backend.metrics
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(app, host=config.host, port=config.port, log_level="warning")
+    )
+    task = asyncio.create_task(server.serve())
+    try:
+        while not server.started:
+            if task.done():
+                await task  # raises why it could not start
+                return
+            await asyncio.sleep(0.05)
+        if ready is not None:
+            ready(server)
+        await task
+    finally:
+        server.should_exit = True
+        await backend.stop()

@@ -1,0 +1,29 @@
+"""Frozen configuration of one worker process."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from baton.server.config import EngineConfig
+
+ROLES = ("prefill", "decode", "both")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: str
+    router: str  # the router's control endpoint, e.g. tcp://127.0.0.1:8001
+    engine: EngineConfig
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    kv_host: str = "127.0.0.1"  # where the decode side binds its KV socket (reachable by peers)
+    kv_port: int = 0  # 0: any free port
+    heartbeat_s: float = 1.0
+    register_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role: must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if self.engine.detokenize:
+            raise ValueError("engine.detokenize: a worker leaves text to the router")

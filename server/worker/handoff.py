@@ -1,0 +1,36 @@
+"""The two ends of a KV handoff, as state the worker loop drives (no sockets here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from baton.server.engine import Handoff
+
+
+@dataclass
+class Outgoing:
+    """Prefill side: a prompt whose KV goes to `endpoint` once the decode worker said yes."""
+
+    request_id: str
+    endpoint: str
+    opened: bool | None = None  # None until KVOpenReply
+    shipped: int = 0  # leading blocks already sent
+    handoff: Handoff | None = None  # set once the prompt is done
+    done_sent: bool = False
+    bytes_sent: int = 0
+    started: float = 0.0
+
+
+@dataclass
+class Incoming:
+    """Decode side: blocks reserved for a prompt computed on `peer` (its socket identity)."""
+
+    request_id: str
+    peer: bytes
+    block_ids: list[int]
+    received: set[int] = field(default_factory=set)
+    bytes_received: int = 0
+
+    @property
+    def complete(self) -> bool:
+        return len(self.received) == len(self.block_ids)

@@ -1,0 +1,406 @@
+"""The worker loop: registers with the router, runs engine steps, hands KV over ZeroMQ.
+
+One thread, one poller. Every frame goes through the wire codec; a malformed one is logged and
+dropped, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import zmq
+
+from baton.server.engine import LLMEngine
+from baton.server.outputs import RequestOutput
+from baton.server.wire import codec
+from baton.server.wire import messages as m
+from baton.server.wire.kv_blocks import block_frames, frames_checksum, layout_of, write_blocks
+from baton.server.worker.config import WorkerConfig
+from baton.server.worker.handoff import Incoming, Outgoing
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BLOCKS = 64  # blocks per KVChunk message
+VERSION = "0.1.0"
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, engine: LLMEngine | None = None) -> None:
+        self.config = config
+        self.id = config.worker_id
+        self.engine = engine or LLMEngine(config.engine)
+        self.ctx = zmq.Context()
+        self.ctrl = self.ctx.socket(zmq.DEALER)
+        self.ctrl.setsockopt(zmq.IDENTITY, self.id.encode())
+        self.ctrl.setsockopt(zmq.LINGER, 0)
+        self.ctrl.connect(config.router)
+        self.poller = zmq.Poller()
+        self.poller.register(self.ctrl, zmq.POLLIN)
+        self.kv: zmq.Socket | None = None
+        self.kv_endpoint = ""
+        if config.role in ("decode", "both"):
+            self.kv = self.ctx.socket(zmq.ROUTER)
+            self.kv.setsockopt(zmq.LINGER, 0)
+            port = config.kv_port or self.kv.bind_to_random_port(f"tcp://{config.kv_host}")
+            if config.kv_port:
+                self.kv.bind(f"tcp://{config.kv_host}:{port}")
+            self.kv_endpoint = f"tcp://{config.kv_host}:{port}"
+            self.poller.register(self.kv, zmq.POLLIN)
+        self.peers: dict[str, zmq.Socket] = {}  # decode endpoint -> DEALER (prefill side)
+        self.outgoing: dict[str, Outgoing] = {}
+        self.incoming: dict[str, Incoming] = {}
+        self.running = True
+        self._last_beat = 0.0
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def register(self) -> None:
+        eng = self.engine
+        msg = m.Register(
+            worker_id=self.id,
+            role=self.config.role,
+            pid=os.getpid(),
+            host=self.config.kv_host,
+            model=eng.model_name,
+            layout=layout_of(eng.runner.kv_cache),
+            kv_endpoint=self.kv_endpoint,
+            max_model_len=eng.max_model_len,
+            num_blocks=eng.cache_config.num_blocks,
+            version=VERSION,
+        )
+        self.ctrl.send_multipart(codec.encode(msg), copy=False)
+        deadline = time.monotonic() + self.config.register_timeout_s
+        while time.monotonic() < deadline:
+            if not self.ctrl.poll(200):
+                continue
+            try:
+                reply, _ = codec.decode(self.ctrl.recv_multipart(copy=False))
+            except codec.WireError as e:
+                logger.warning("dropped a malformed frame from the router: %s", e)
+                continue
+            if isinstance(reply, m.RegisterReply):
+                if not reply.accepted:
+                    raise RuntimeError(f"the router refused this worker: {reply.reason}")
+                logger.info("worker %s registered as %s", self.id, self.config.role)
+                return
+        raise RuntimeError(f"no answer from the router at {self.config.router}")
+
+    def run(self) -> None:
+        self.register()
+        while self.running:
+            self.run_once()
+        self.close()
+
+    def close(self) -> None:
+        for sock in [self.ctrl, self.kv, *self.peers.values()]:
+            if sock is not None:
+                sock.close(0)
+        self.ctx.term()
+
+    def run_once(self) -> None:
+        busy = self.engine.has_unfinished_requests()
+        events = dict(self.poller.poll(0 if busy else 20))
+        if self.ctrl in events:
+            self._drain(self.ctrl, self._on_control)
+        if self.kv is not None and self.kv in events:
+            self._drain(self.kv, self._on_kv_frames)
+        for sock in self.peers.values():
+            if sock in events:
+                self._drain(sock, self._on_peer)
+        if self.engine.has_unfinished_requests():
+            outs = self.engine.step()
+            self._publish(outs)
+            for h in self.engine.take_handoffs():
+                if h.request_id in self.outgoing:
+                    self.outgoing[h.request_id].handoff = h
+                else:  # its decode side is gone: nothing to ship
+                    self.engine.release_handoff(h.request_id)
+        self._pump()
+        now = time.monotonic()
+        if now - self._last_beat >= self.config.heartbeat_s:
+            self._last_beat = now
+            self._beat()
+
+    def _drain(self, sock: zmq.Socket, handler) -> None:
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            handler(frames)
+
+    # ---- control plane (router) -----------------------------------------------------------
+
+    def _send_ctrl(self, msg) -> None:
+        self.ctrl.send_multipart(codec.encode(msg), copy=False)
+
+    def _fail(self, request_id: str, error: str) -> None:
+        logger.warning("request %s failed: %s", request_id, error)
+        self._send_ctrl(m.TokenOutput(request_id, self.id, [], None, "abort", None, 0, error))
+
+    def _on_control(self, frames) -> None:
+        try:
+            msg, _ = codec.decode(frames)
+        except codec.WireError as e:
+            logger.warning("dropped a malformed frame from the router: %s", e)
+            return
+        if isinstance(msg, m.Generate):
+            self._on_generate(msg)
+        elif isinstance(msg, m.Abort):
+            self._abort(msg.request_id)
+        elif isinstance(msg, m.RegisterReply) and not msg.accepted:
+            logger.error("the router dropped this worker: %s", msg.reason)
+            self.running = False
+        else:
+            logger.warning("dropped an unexpected %s from the router", type(msg).__name__)
+
+    def _on_generate(self, msg: m.Generate) -> None:
+        handoff = bool(msg.decode_endpoint)
+        try:
+            params = m.params_from_dict(msg.params)
+            self.engine.add_request(msg.request_id, msg.prompt_token_ids, params, handoff=handoff)
+        except ValueError as e:
+            self._fail(msg.request_id, str(e))
+            return
+        if handoff:
+            out = Outgoing(msg.request_id, msg.decode_endpoint, started=time.monotonic())
+            self.outgoing[msg.request_id] = out
+            self._send_peer(
+                out.endpoint,
+                m.KVOpen(
+                    msg.request_id,
+                    self.id,
+                    list(msg.prompt_token_ids),
+                    msg.params,
+                    layout_of(self.engine.runner.kv_cache),
+                ),
+            )
+
+    def _abort(self, request_id: str) -> None:
+        self.engine.abort_request(request_id)
+        out = self.outgoing.pop(request_id, None)
+        if out is not None:
+            self._send_peer(out.endpoint, m.KVAbort(request_id, "aborted"))
+            self.engine.release_handoff(request_id)
+        inc = self.incoming.pop(request_id, None)
+        if inc is not None and self.kv is not None:
+            self._send_kv(inc.peer, m.KVAbort(request_id, "aborted"))
+
+    def _publish(self, outs: list[RequestOutput]) -> None:
+        for out in outs:
+            c = out.outputs[0]
+            n = len(c.token_ids_delta)
+            lps = None
+            if c.logprobs:
+                lps = [[t, lp, [list(x) for x in top]] for t, lp, top in c.logprobs[-n:]]
+            stop = c.stop_reason if isinstance(c.stop_reason, int) else None
+            self._send_ctrl(
+                m.TokenOutput(
+                    out.request_id,
+                    self.id,
+                    list(c.token_ids_delta),
+                    lps,
+                    c.finish_reason,
+                    stop,
+                    out.num_cached_tokens or 0,
+                    "",
+                )
+            )
+            if out.finished and out.request_id in self.outgoing:
+                ended = self.outgoing.pop(out.request_id)  # the first token ended it
+                self._send_peer(ended.endpoint, m.KVAbort(out.request_id, "finished"))
+
+    def _beat(self) -> None:
+        b = self.engine.batcher
+        bm = b.block_manager
+        self._send_ctrl(
+            m.Heartbeat(
+                self.id,
+                b.num_running + len(self.outgoing),
+                b.num_waiting + len(self.incoming),
+                float(bm.usage),
+                bm.num_free_blocks,
+                bm.prefix_queries,
+                bm.prefix_hits,
+            )
+        )
+
+    # ---- KV plane, prefill side -----------------------------------------------------------
+
+    def _send_peer(self, endpoint: str, msg, payload=()) -> None:
+        sock = self.peers.get(endpoint)
+        if sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+            self.peers[endpoint] = sock
+            self.poller.register(sock, zmq.POLLIN)
+        sock.send_multipart(codec.encode(msg, payload), copy=False)
+
+    def _on_peer(self, frames) -> None:
+        try:
+            msg, _ = codec.decode(frames)
+        except codec.WireError as e:
+            logger.warning("dropped a malformed frame from a decode worker: %s", e)
+            return
+        out = self.outgoing.get(msg.request_id) if hasattr(msg, "request_id") else None
+        if out is None:
+            return  # late answer for a request that ended
+        if isinstance(msg, m.KVOpenReply):
+            out.opened = msg.ok
+            if not msg.ok:
+                self.outgoing.pop(msg.request_id)
+                self.engine.abort_request(msg.request_id)
+                self._fail(msg.request_id, f"decode worker refused the KV: {msg.reason}")
+        elif isinstance(msg, m.KVAck):
+            self.outgoing.pop(msg.request_id)
+            self.engine.release_handoff(msg.request_id)
+            if not msg.ok:
+                self._fail(msg.request_id, f"KV handoff failed: {msg.reason}")
+        elif isinstance(msg, m.KVAbort):
+            self.outgoing.pop(msg.request_id)
+            self.engine.abort_request(msg.request_id)
+            self._fail(msg.request_id, f"decode worker aborted the handoff: {msg.reason}")
+
+    def _pump(self) -> None:
+        """Ship complete blocks of every opened handoff; finish the ones whose prompt is done."""
+        for out in list(self.outgoing.values()):
+            if not out.opened or out.done_sent:
+                continue
+            if out.handoff is not None:
+                blocks, ready = out.handoff.block_ids, len(out.handoff.block_ids)
+            else:
+                progress = self.engine.prefill_progress(out.request_id)
+                if progress is None:
+                    continue
+                blocks, ready = progress
+            while out.shipped < ready:
+                n = min(CHUNK_BLOCKS, ready - out.shipped)
+                self._ship(out, blocks[out.shipped : out.shipped + n], out.shipped)
+                out.shipped += n
+            h = out.handoff
+            if h is not None:
+                self._send_peer(
+                    out.endpoint,
+                    m.KVDone(
+                        h.request_id,
+                        len(h.block_ids),
+                        h.first_token,
+                        [
+                            h.first_logprobs[0],
+                            h.first_logprobs[1],
+                            [list(x) for x in h.first_logprobs[2]],
+                        ]
+                        if h.first_logprobs
+                        else None,
+                        h.num_cached_tokens,
+                    ),
+                )
+                out.done_sent = True
+
+    def _ship(self, out: Outgoing, block_ids: list[int], first: int) -> None:
+        cache = self.engine.runner.kv_cache
+        frames = block_frames(cache, block_ids)
+        nbytes = sum(f.nbytes for f in frames)
+        header = m.KVChunk(
+            out.request_id,
+            first,
+            len(block_ids),
+            list(cache.shape[1:]),
+            layout_of(cache).dtype,
+            nbytes,
+            frames_checksum(frames),
+        )
+        self._send_peer(out.endpoint, header, frames)
+        out.bytes_sent += nbytes
+
+    # ---- KV plane, decode side ------------------------------------------------------------
+
+    def _send_kv(self, peer: bytes, msg) -> None:
+        assert self.kv is not None
+        self.kv.send_multipart([peer, *codec.encode(msg)], copy=False)
+
+    def _on_kv_frames(self, frames) -> None:
+        peer = bytes(frames[0].buffer) if hasattr(frames[0], "buffer") else bytes(frames[0])
+        try:
+            msg, payload = codec.decode(frames[1:])
+        except codec.WireError as e:
+            logger.warning("dropped a malformed KV frame: %s", e)
+            return
+        try:
+            self._on_kv(peer, msg, payload)
+        except ValueError as e:  # a chunk that does not fit what was reserved
+            rid = msg.request_id
+            logger.warning("KV handoff of %s failed: %s", rid, e)
+            if self.incoming.pop(rid, None) is not None:
+                self.engine.abort_request(rid)
+                self._send_kv(peer, m.KVAbort(rid, str(e)))
+
+    def _on_kv(self, peer: bytes, msg, payload) -> None:
+        if isinstance(msg, m.KVOpen):
+            try:
+                params = m.params_from_dict(msg.params)
+                if msg.layout != layout_of(self.engine.runner.kv_cache):
+                    raise ValueError("KV layout differs from this worker's")
+                dst = self.engine.reserve_prefilled(msg.request_id, msg.prompt_token_ids, params)
+            except ValueError as e:
+                self._send_kv(peer, m.KVOpenReply(msg.request_id, False, str(e)))
+                return
+            if dst is None:
+                self._send_kv(
+                    peer, m.KVOpenReply(msg.request_id, False, "no free KV blocks right now")
+                )
+                return
+            self.incoming[msg.request_id] = Incoming(msg.request_id, peer, dst)
+            self._send_kv(peer, m.KVOpenReply(msg.request_id, True, ""))
+            return
+        inc = self.incoming.get(getattr(msg, "request_id", ""))
+        if inc is None or inc.peer != peer:
+            logger.warning("dropped a %s for an unknown handoff", type(msg).__name__)
+            return
+        if isinstance(msg, m.KVChunk):
+            end = msg.first_block + msg.num_blocks
+            if msg.first_block < 0 or end > len(inc.block_ids):
+                raise ValueError(f"blocks {msg.first_block}..{end} outside the reservation")
+            if frames_checksum(payload) != msg.checksum:
+                raise ValueError("KV chunk checksum mismatch")
+            write_blocks(
+                self.engine.runner.kv_cache,
+                inc.block_ids[msg.first_block : end],
+                payload,
+                msg.block_shape,
+                msg.dtype,
+            )
+            inc.received.update(range(msg.first_block, end))
+            inc.bytes_received += msg.nbytes
+        elif isinstance(msg, m.KVDone):
+            if msg.num_blocks != len(inc.block_ids) or not inc.complete:
+                raise ValueError(
+                    f"KV incomplete: {len(inc.received)} of {len(inc.block_ids)} blocks arrived"
+                )
+            del self.incoming[msg.request_id]
+            lps = msg.first_logprobs
+            first_lp = (lps[0], lps[1], [tuple(x) for x in lps[2]]) if lps else None
+            done = self.engine.commit_prefilled(msg.request_id, msg.first_token, first_lp)
+            self._send_kv(peer, m.KVAck(msg.request_id, True, ""))
+            if done is not None:  # the first token already ended it (e.g. max_tokens)
+                c = done.outputs[0]
+                self._send_ctrl(
+                    m.TokenOutput(
+                        msg.request_id,
+                        self.id,
+                        [],
+                        None,
+                        c.finish_reason,
+                        c.stop_reason if isinstance(c.stop_reason, int) else None,
+                        msg.num_cached_tokens,
+                        "",
+                    )
+                )
+        elif isinstance(msg, m.KVAbort):
+            del self.incoming[msg.request_id]
+            self.engine.abort_request(msg.request_id)
+        else:
+            logger.warning("dropped an unexpected %s on the KV socket", type(msg).__name__)
