@@ -1,0 +1,141 @@
+"""The router's ZeroMQ backend with real workers (threads, loopback sockets, a tiny dummy model):
+greedy tokens through a disaggregated handoff equal the offline engine; bad workers are refused."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from baton import SamplingParams
+from baton.server.api.backend import NoWorkerAvailable
+from baton.server.config import EngineConfig
+from baton.server.engine import LLMEngine
+from baton.server.router.backend import RouterConfig, ZmqBackend
+from baton.server.worker.config import WorkerConfig
+from baton.server.worker.worker import Worker
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+PROMPTS = [[5 + (i * 11 + j) % 200 for j in range(n)] for i, n in enumerate([4, 20, 45])]
+
+
+def engine_config(model, **kw):
+    return EngineConfig(
+        model=model, load_format="dummy", seed=0, show_progress=False, detokenize=False, **kw
+    )
+
+
+def start_worker(endpoint, model, role, wid, **kw):
+    w = Worker(
+        WorkerConfig(
+            role=role,
+            router=endpoint,
+            engine=engine_config(model, **kw),
+            worker_id=wid,
+            heartbeat_s=0.2,
+        )
+    )
+    w.errors = []
+
+    def run():
+        try:
+            w.run()
+        except RuntimeError as e:  # a refused registration
+            w.errors.append(str(e))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return w, t
+
+
+async def wait_for(pred, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+async def collect(backend, rid, prompt, params):
+    tokens = []
+    async for ev in await backend.generate(rid, prompt, params):
+        tokens += ev.token_ids
+        if ev.finish_reason is not None:
+            return tokens, ev.finish_reason
+    raise AssertionError("stream ended without a finish")
+
+
+@pytest.mark.parametrize("mode", ["disagg", "colocated"])
+def test_tokens_through_the_router_equal_the_offline_engine(tiny_config_dir, mode):
+    ref = LLMEngine(engine_config(tiny_config_dir))
+    want = []
+    for i, p in enumerate(PROMPTS):
+        ref.add_request(str(i), p, GREEDY)
+        toks = []
+        while ref.has_unfinished_requests():
+            for out in ref.step():
+                toks = out.outputs[0].token_ids
+        want.append(toks)
+
+    async def main():
+        backend = ZmqBackend(RouterConfig(mode=mode), None, 512, "tiny")
+        backend.start()
+        roles = ["prefill", "decode"] if mode == "disagg" else ["both"]
+        workers = [
+            start_worker(
+                backend.endpoint, tiny_config_dir, r, f"{r}-{mode}", max_num_batched_tokens=16
+            )
+            for r in roles
+        ]
+        try:
+            with pytest.raises(NoWorkerAvailable):
+                if not backend.health()[0]:
+                    await backend.generate("early", PROMPTS[0], GREEDY)
+            await wait_for(lambda: backend.health()[0])
+            got = await asyncio.gather(
+                *(collect(backend, f"r{i}", p, GREEDY) for i, p in enumerate(PROMPTS))
+            )
+            assert [g[0] for g in got] == want
+            assert all(g[1] == "length" for g in got)
+            # Everything freed on every worker once the streams are done.
+            await wait_for(
+                lambda: all(
+                    w.engine.batcher.block_manager.num_used_blocks == 0
+                    and not w.outgoing
+                    and not w.incoming
+                    for w, _ in workers
+                )
+            )
+            # A client that goes away mid-stream: aborted everywhere, KV freed on both sides.
+            it = await backend.generate(
+                "gone", PROMPTS[2], SamplingParams(max_tokens=400, ignore_eos=True)
+            )
+            await it.__anext__()
+            await it.aclose()
+            await wait_for(
+                lambda: all(
+                    w.engine.batcher.block_manager.num_used_blocks == 0
+                    and not w.engine.has_unfinished_requests()
+                    for w, _ in workers
+                )
+            )
+            # A worker whose KV layout differs is refused and stops.
+            bad, t = start_worker(
+                backend.endpoint,
+                tiny_config_dir,
+                "decode" if mode == "disagg" else "both",
+                f"bad-{mode}",
+                block_size=32,
+            )
+            await asyncio.to_thread(t.join, 30)
+            assert not t.is_alive() and f"bad-{mode}" not in backend.pool.workers
+            assert "refused" in bad.errors[0] and "layout" in bad.errors[0]
+        finally:
+            for w, _ in workers:
+                w.running = False
+            for _, t in workers:
+                t.join(timeout=10)
+            await backend.stop()
+
+    asyncio.run(main())
