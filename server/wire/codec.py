@@ -1,8 +1,10 @@
 """The one encoder and decoder of wire messages: a msgpack header frame, then raw payload frames.
 
-The decoder trusts nothing: sizes are bounded before msgpack allocates, the field set must be
-exact, and every value is checked against the dataclass annotation. Anything off raises
-WireError, which callers log and drop.
+Header: {"t": type name, "v": PROTOCOL_VERSION, "f": {field: value}}. The decoder trusts nothing:
+msgpack is told the largest string, array and map before it allocates, the field set must be
+exact, every value is checked against its dataclass annotation, and a KVChunk's payload must be
+exactly `num_blocks` frames of one block each. Anything off raises WireError, which callers log
+and drop; nothing else escapes `decode`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from functools import cache
+from collections.abc import Callable
 
 import msgpack
 
@@ -18,71 +20,97 @@ from baton.server.wire.messages import MESSAGES, KVChunk, KVLayout
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
-MAX_LIST = 1 << 20  # token ids in a prompt, entries in a list
-MAX_STR = 1 << 16
+MAX_LIST_LEN = 1 << 20  # token ids in a prompt; the header limit usually bites first
+MAX_MAP_LEN = 64
+MAX_STR_LEN = 1 << 16
 MAX_PAYLOAD_FRAMES = 1 << 16
-MAX_PAYLOAD_BYTES = 1 << 34
 
 
 class WireError(ValueError):
     """A frame that is not a well-formed message of this protocol."""
 
 
-def encode(msg, payload=()) -> list:
-    """Frames for `socket.send_multipart(frames, copy=False)`: header, then `payload` as is."""
-    if type(msg).TYPE not in MESSAGES:
-        raise TypeError(f"not a wire message: {msg!r}")
-    header = {"t": msg.TYPE, "v": PROTOCOL_VERSION, "f": _to_plain(msg)}
-    return [msgpack.packb(header, use_bin_type=True), *payload]
+# ---- encode --------------------------------------------------------------------------------
 
 
-def _to_plain(obj) -> dict:
+def encode(msg, payload=()) -> list[bytes | memoryview]:
+    """Frames for `socket.send_multipart(frames, copy=False)`: the header, then `payload` as is.
+
+    NOTE: with copy=False zmq reads the payload after this returns; the sender must not change
+    those bytes until the peer has acknowledged them.
+    """
+    cls = type(msg)
+    if MESSAGES.get(getattr(cls, "TYPE", None)) is not cls:
+        raise TypeError(f"not a wire message: {cls.__name__}")
+    payload = list(payload)
+    _check_payload(msg, [_buffer(f) for f in payload])
+    try:
+        header = msgpack.packb({"t": cls.TYPE, "v": PROTOCOL_VERSION, "f": _fields_of(msg)})
+    except (TypeError, ValueError, OverflowError) as e:
+        raise WireError(f"{cls.TYPE}: a field is not msgpack-native: {e}") from None
+    if len(header) > MAX_HEADER_BYTES:
+        raise WireError(f"{cls.TYPE}: header of {len(header)} bytes exceeds {MAX_HEADER_BYTES}")
+    return [header, *payload]
+
+
+def _fields_of(obj) -> dict:
+    # shallow on purpose: a prompt's token list is packed as is, not copied
     out = {}
     for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        out[f.name] = _to_plain(value) if isinstance(value, KVLayout) else value
+        v = getattr(obj, f.name)
+        out[f.name] = _fields_of(v) if isinstance(v, KVLayout) else v
     return out
 
 
-def _buffer(frame) -> memoryview:
-    buf = getattr(frame, "buffer", frame)  # zmq.Frame exposes its bytes as .buffer
-    try:
-        return memoryview(buf).cast("B")
-    except TypeError as e:
-        raise WireError(f"frame is not a buffer: {type(frame).__name__}") from e
+# ---- decode --------------------------------------------------------------------------------
 
 
 def decode(frames) -> tuple[object, list[memoryview]]:
-    """(message, payload frames) from received frames; WireError if malformed."""
+    """(message, payload frames as byte memoryviews) from received frames (bytes, memoryview or
+    zmq.Frame, without the ROUTER identity); WireError if anything is malformed."""
+    try:
+        frames = list(frames)
+    except TypeError:
+        raise WireError(f"frames must be a sequence, got {type(frames).__name__}") from None
     if not frames:
         raise WireError("no frames")
     head = _buffer(frames[0])
-    if len(head) > MAX_HEADER_BYTES:
-        raise WireError(f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
+    if head.nbytes > MAX_HEADER_BYTES:
+        raise WireError(f"header of {head.nbytes} bytes exceeds {MAX_HEADER_BYTES}")
     try:
         obj = msgpack.unpackb(
             head,
             raw=False,
             strict_map_key=True,
-            max_str_len=MAX_STR,
-            max_bin_len=0,
-            max_array_len=MAX_LIST,
-            max_map_len=64,
+            use_list=True,
+            max_str_len=MAX_STR_LEN,
+            max_bin_len=0,  # no bytes in headers: bulk data travels as payload frames
+            max_array_len=MAX_LIST_LEN,
+            max_map_len=MAX_MAP_LEN,
             max_ext_len=0,
         )
-    except Exception as e:  # msgpack raises several unrelated types
-        raise WireError(f"header is not valid msgpack: {e}") from None
-    if not isinstance(obj, dict) or set(obj) != {"t", "v", "f"}:
-        raise WireError("header must be a map with keys t, v, f")
-    if obj["v"] != PROTOCOL_VERSION:
-        raise WireError(f"protocol version {obj['v']!r} is not {PROTOCOL_VERSION}")
-    cls = MESSAGES.get(obj["t"]) if isinstance(obj["t"], str) else None
+    except Exception as e:  # msgpack raises several unrelated types (ValueError, StackError ...)
+        raise WireError(f"header is not valid msgpack: {type(e).__name__}: {e}") from None
+    if not isinstance(obj, dict) or obj.keys() != {"t", "v", "f"}:
+        raise WireError("header must be a map with exactly the keys t, v, f")
+    version, name = obj["v"], obj["t"]
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise WireError(f"protocol version {version!r} is not {PROTOCOL_VERSION}")
+    cls = MESSAGES.get(name) if isinstance(name, str) else None
     if cls is None:
-        raise WireError(f"unknown message type {obj['t']!r}")
-    msg = _build(cls, obj["f"])
+        raise WireError(f"unknown message type {name!r}")
+    msg = _build(cls, obj["f"], cls.TYPE)
     payload = [_buffer(f) for f in frames[1:]]
     _check_payload(msg, payload)
     return msg, payload
+
+
+def _buffer(frame) -> memoryview:
+    try:
+        mv = memoryview(getattr(frame, "buffer", frame))  # zmq.Frame exposes .buffer
+        return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
+    except Exception as e:  # not a buffer, or not a contiguous one
+        raise WireError(f"a frame is not a contiguous buffer: {type(frame).__name__}") from e
 
 
 def _check_payload(msg, payload: list[memoryview]) -> None:
@@ -90,68 +118,101 @@ def _check_payload(msg, payload: list[memoryview]) -> None:
         if payload:
             raise WireError(f"{msg.TYPE} carries no payload, got {len(payload)} frames")
         return
-    if not 0 < msg.num_blocks <= MAX_PAYLOAD_FRAMES or len(payload) != msg.num_blocks:
+    if len(payload) != msg.num_blocks or len(payload) > MAX_PAYLOAD_FRAMES:
         raise WireError(f"kv_chunk announces {msg.num_blocks} blocks, got {len(payload)} frames")
-    if not 0 < msg.nbytes <= MAX_PAYLOAD_BYTES or sum(len(p) for p in payload) != msg.nbytes:
-        raise WireError(f"kv_chunk payload size differs from nbytes={msg.nbytes}")
-    if msg.first_block < 0 or msg.checksum < 0:
-        raise WireError("kv_chunk first_block and checksum must be non-negative")
+    want = msg.block_nbytes
+    for i, p in enumerate(payload):
+        if p.nbytes != want:
+            raise WireError(f"kv_chunk frame {i} has {p.nbytes} bytes, a block has {want}")
+    # num_blocks * block_nbytes == nbytes is KVChunk's own invariant, so the total matches too
 
 
-@cache
-def _hints(cls) -> dict:
-    return typing.get_type_hints(cls)
-
-
-def _build(cls, fields):
+def _build(cls, fields, where: str):
     if not isinstance(fields, dict):
-        raise WireError(f"{cls.__name__}: fields must be a map")
-    names = [f.name for f in dataclasses.fields(cls)]
-    if set(fields) != set(names):
-        missing, extra = set(names) - set(fields), set(fields) - set(names)
-        raise WireError(f"{cls.__name__}: missing {sorted(missing)}, unexpected {sorted(extra)}")
-    hints = _hints(cls)
-    values = {}
-    for name in names:
-        values[name] = _check(f"{cls.__name__}.{name}", hints[name], fields[name])
-    return cls(**values)
+        raise WireError(f"{where}: fields must be a map, got {type(fields).__name__}")
+    checkers = _CHECKERS[cls]
+    if fields.keys() != checkers.keys():
+        missing = sorted(checkers.keys() - fields.keys())
+        extra = sorted(map(repr, fields.keys() - checkers.keys()))
+        raise WireError(f"{where}: missing fields {missing}, unexpected fields {extra}")
+    values = {name: check(f"{where}.{name}", fields[name]) for name, check in checkers.items()}
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as e:  # the message's own value invariants
+        raise WireError(f"{where}: {e}") from None
 
 
-def _check(where: str, tp, value):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
-            if option is type(None) and value is None:
-                return None
-        options = [t for t in typing.get_args(tp) if t is not type(None)]
-        return _check(where, options[0], value)
-    if tp is KVLayout:
-        return _build(KVLayout, value)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise WireError(f"{where}: expected bool, got {type(value).__name__}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise WireError(f"{where}: expected int, got {type(value).__name__}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise WireError(f"{where}: expected float, got {type(value).__name__}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise WireError(f"{where}: expected str, got {type(value).__name__}")
-        return value
+# ---- field checkers, compiled once from the annotations ----------------------------------------
+
+Checker = Callable[[str, object], object]
+
+
+def _fail(where: str, want: str, value) -> typing.NoReturn:
+    raise WireError(f"{where}: expected {want}, got {type(value).__name__}")
+
+
+def _check_bool(where, v):
+    return v if type(v) is bool else _fail(where, "bool", v)
+
+
+def _check_int(where, v):
+    return v if type(v) is int else _fail(where, "int", v)  # bool is not an int here
+
+
+def _check_float(where, v):
+    return float(v) if type(v) in (float, int) else _fail(where, "float", v)
+
+
+def _check_str(where, v):
+    return v if type(v) is str else _fail(where, "str", v)
+
+
+def _check_dict(where, v):
+    if type(v) is not dict:
+        _fail(where, "map", v)
+    if not all(type(k) is str for k in v):
+        raise WireError(f"{where}: map keys must be strings")
+    return v
+
+
+def _check_list(where, v):
+    return v if type(v) is list else _fail(where, "list", v)
+
+
+def _check_int_list(where, v):
+    if type(v) is not list:
+        _fail(where, "list of int", v)
+    if not all(type(x) is int for x in v):
+        raise WireError(f"{where}: expected a list of int")
+    return v
+
+
+def _checker(tp) -> Checker:
+    simple = {bool: _check_bool, int: _check_int, float: _check_float, str: _check_str}
+    if tp in simple:
+        return simple[tp]
     if tp is dict:
-        if not isinstance(value, dict):
-            raise WireError(f"{where}: expected map, got {type(value).__name__}")
-        return value
-    if tp is list or origin is list:
-        if not isinstance(value, list):
-            raise WireError(f"{where}: expected list, got {type(value).__name__}")
+        return _check_dict
+    if tp is list:
+        return _check_list
+    if typing.get_origin(tp) is list and typing.get_args(tp) == (int,):
+        return _check_int_list
+    if dataclasses.is_dataclass(tp):
+        return lambda where, v: _build(tp, v, where)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if args:
-            return [_check(f"{where}[]", args[0], v) for v in value]
-        return value
-    raise WireError(f"{where}: unsupported annotation {tp!r}")  # a bug in messages.py
+        inner = [a for a in args if a is not type(None)]
+        if len(args) == 2 and len(inner) == 1:
+            check = _checker(inner[0])
+            return lambda where, v: None if v is None else check(where, v)
+    raise TypeError(f"the wire cannot carry a field annotated {tp!r}")  # a bug in messages.py
+
+
+def _compile(cls) -> dict[str, Checker]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: _checker(hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+_CHECKERS: dict[type, dict[str, Checker]] = {
+    cls: _compile(cls) for cls in (KVLayout, *MESSAGES.values())
+}

@@ -1,55 +1,136 @@
-"""KV blocks as wire frames: one block (every layer's K and V) is one contiguous frame."""
+"""KV blocks as wire frames: one block (every layer's K and V) is one contiguous frame.
+
+Torch only, no zmq. The cache is [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
+(baton.server.kv_cache), so `kv_cache[b]` is contiguous and ships as it lies in memory.
+"""
 
 from __future__ import annotations
 
+import operator
 import zlib
 
 import torch
 
-from baton.server.wire.messages import KVLayout
+from baton.server.wire.messages import DTYPE_SIZES, KVLayout
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+assert DTYPES.keys() == DTYPE_SIZES.keys()
 
 
 def layout_of(kv_cache: torch.Tensor) -> KVLayout:
-    # [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
-    _, layers, _, block_size, heads, head_dim = kv_cache.shape
-    return KVLayout(layers, block_size, heads, head_dim, DTYPE_NAMES[kv_cache.dtype])
+    _check_cache(kv_cache)
+    _, num_layers, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    return KVLayout(num_layers, block_size, num_kv_heads, head_dim, DTYPE_NAMES[kv_cache.dtype])
 
 
 def block_frames(kv_cache: torch.Tensor, block_ids: list[int]) -> list[memoryview]:
-    """One frame per block: zero-copy views on CPU; one device-to-host copy on CUDA."""
+    """One byte frame per block, in `block_ids` order.
+
+    CPU: zero-copy views into the cache (they keep it alive; the bytes must not change until
+    sent). CUDA: the blocks are gathered and copied to host memory once.
+    """
+    _check_cache(kv_cache)
+    ids = _check_ids(kv_cache, block_ids)
     if kv_cache.device.type != "cpu":
-        idx = torch.tensor(block_ids, device=kv_cache.device)
+        idx = torch.tensor(ids, dtype=torch.long, device=kv_cache.device)
         kv_cache = kv_cache.index_select(0, idx).cpu()
-        block_ids = list(range(len(block_ids)))
-    raw = kv_cache.view(torch.uint8)  # numpy has no bfloat16; bytes are bytes
-    return [memoryview(raw[b].numpy()).cast("B") for b in block_ids]
+        ids = list(range(len(ids)))
+    per_block = _block_nbytes(kv_cache)
+    # NOTE: numpy has no bfloat16: view the bytes as uint8 before handing them to the buffer API.
+    flat = memoryview(kv_cache.detach().view(torch.uint8).numpy()).cast("B")
+    return [flat[b * per_block : (b + 1) * per_block] for b in ids]
 
 
 def frames_checksum(frames) -> int:
+    """crc32 chained over the frames in order (bytes, memoryviews or zmq.Frame)."""
     crc = 0
     for f in frames:
-        crc = zlib.crc32(f, crc)
+        crc = zlib.crc32(getattr(f, "buffer", f), crc)
     return crc
 
 
 def write_blocks(
-    kv_cache: torch.Tensor, block_ids: list[int], frames, block_shape: list[int], dtype: str
+    kv_cache: torch.Tensor,
+    block_ids: list[int],
+    frames,
+    block_shape: list[int],
+    dtype: str,
 ) -> None:
-    """Copy received frames into `kv_cache[block_ids]`, after checking they fit exactly."""
-    if DTYPES.get(dtype) is not kv_cache.dtype:
-        raise ValueError(f"KV dtype {dtype!r} differs from the cache's {kv_cache.dtype}")
+    """Copy one received frame into each `kv_cache[block_ids[i]]`.
+
+    Everything is checked before the first byte is written, so a chunk that does not fit
+    (dtype, block shape, frame count or size, block ids) raises ValueError and leaves the cache
+    as it was.
+    """
+    _check_cache(kv_cache)
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ValueError(f"unknown KV dtype {dtype!r}, expected one of {sorted(DTYPES)}")
+    if DTYPES[dtype] != kv_cache.dtype:
+        raise ValueError(f"KV dtype {dtype} differs from the cache's {DTYPE_NAMES[kv_cache.dtype]}")
     if list(block_shape) != list(kv_cache.shape[1:]):
-        raise ValueError(f"KV block shape {block_shape} differs from {list(kv_cache.shape[1:])}")
-    if len(frames) != len(block_ids):
-        raise ValueError(f"{len(frames)} frames for {len(block_ids)} blocks")
-    per_block = kv_cache[0].numel() * kv_cache.element_size()
-    for b, frame in zip(block_ids, frames, strict=True):
-        if memoryview(frame).nbytes != per_block:
-            raise ValueError(f"a KV frame has {memoryview(frame).nbytes} bytes, want {per_block}")
+        raise ValueError(
+            f"KV block shape {list(block_shape)} differs from the cache's "
+            f"{list(kv_cache.shape[1:])}"
+        )
+    ids = _check_ids(kv_cache, block_ids)
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"duplicate block ids in {ids}")
+    frames = list(frames)
+    if len(frames) != len(ids):
+        raise ValueError(f"{len(frames)} KV frames for {len(ids)} blocks")
+    per_block = _block_nbytes(kv_cache)
+    views = []
+    for i, f in enumerate(frames):
+        try:
+            mv = memoryview(getattr(f, "buffer", f)).cast("B")  # zmq.Frame exposes .buffer
+        except (TypeError, ValueError):
+            raise ValueError(f"KV frame {i} is not a contiguous buffer") from None
+        if mv.nbytes != per_block:
+            raise ValueError(f"KV frame {i} has {mv.nbytes} bytes, a block has {per_block}")
+        views.append(mv)
+    if not views:
+        return
+    srcs = [torch.frombuffer(mv, dtype=torch.uint8) for mv in views]
+    if kv_cache.device.type == "cpu":
+        dst = kv_cache.view(torch.uint8).view(kv_cache.shape[0], per_block)
+        for b, src in zip(ids, srcs, strict=True):
+            dst[b].copy_(src)
+        return
+    # one host-to-device copy for the whole chunk
+    staging = torch.empty((len(srcs), per_block), dtype=torch.uint8)
+    for i, src in enumerate(srcs):
+        staging[i].copy_(src)
+    blocks = staging.to(kv_cache.device).view(kv_cache.dtype).view(len(ids), *kv_cache.shape[1:])
+    kv_cache.index_copy_(0, torch.tensor(ids, dtype=torch.long, device=kv_cache.device), blocks)
+
+
+def _check_cache(kv_cache: torch.Tensor) -> None:
+    if kv_cache.dim() != 6 or kv_cache.shape[2] != 2:
+        raise ValueError(
+            "a KV cache is [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim], "
+            f"got shape {list(kv_cache.shape)}"
+        )
+    if kv_cache.dtype not in DTYPE_NAMES:
+        raise ValueError(f"KV cache dtype {kv_cache.dtype} cannot travel the wire")
+    if not kv_cache.is_contiguous():
+        raise ValueError("the KV cache must be contiguous")
+
+
+def _check_ids(kv_cache: torch.Tensor, block_ids) -> list[int]:
+    ids = []
+    for b in block_ids:
+        if isinstance(b, bool):
+            raise ValueError(f"block id {b!r} is not an integer")
+        try:
+            b = operator.index(b)
+        except TypeError:
+            raise ValueError(f"block id {b!r} is not an integer") from None
         if not 0 <= b < kv_cache.shape[0]:
-            raise ValueError(f"block {b} is outside the cache")
-        src = torch.frombuffer(frame, dtype=torch.uint8).view(kv_cache.dtype)
-        kv_cache[b].copy_(src.view(kv_cache.shape[1:]))
+            raise ValueError(f"block {b} is outside the cache of {kv_cache.shape[0]} blocks")
+        ids.append(b)
+    return ids
+
+
+def _block_nbytes(kv_cache: torch.Tensor) -> int:
+    return kv_cache[0].numel() * kv_cache.element_size()

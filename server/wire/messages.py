@@ -1,7 +1,7 @@
 """Every message that crosses a process boundary: frozen dataclasses of msgpack-native fields.
 
-No torch, no zmq. `codec` encodes and decodes them, checking each field against these
-annotations.
+No torch, no zmq. `codec` checks each received field against these annotations first; the
+`__post_init__` checks below then hold the few value invariants, on both ends of the wire.
 """
 
 from __future__ import annotations
@@ -12,14 +12,61 @@ from typing import ClassVar
 
 from baton.scheduler.sampling_params import SamplingParams
 
+# bytes per element of each KV dtype the wire knows (torch names)
+DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2}
+ROLES = ("prefill", "decode", "both")
+
+
+def _require(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(what)
+
+
+def _non_negative(obj, *names: str) -> None:
+    for name in names:
+        _require(getattr(obj, name) >= 0, f"{name} must be non-negative, got {getattr(obj, name)}")
+
+
+def _check_token_ids(name: str, ids: list[int]) -> None:
+    _require(not ids or min(ids) >= 0, f"{name} must be non-negative token ids")
+
+
+def _check_logprob_entry(where: str, entry) -> None:
+    """One generated token: [token_id, logprob, [[token_id, logprob], ...]]."""
+
+    def is_pair(x) -> bool:
+        return (
+            isinstance(x, list)
+            and len(x) == 2
+            and type(x[0]) is int
+            and isinstance(x[1], int | float)
+            and not isinstance(x[1], bool)
+        )
+
+    _require(
+        isinstance(entry, list)
+        and len(entry) == 3
+        and is_pair(entry[:2])
+        and isinstance(entry[2], list)
+        and all(is_pair(x) for x in entry[2]),
+        f"{where} must be [token_id, logprob, [[token_id, logprob], ...]]",
+    )
+
 
 @dataclass(frozen=True)
 class KVLayout:
+    """What a KV block holds; two workers hand KV over only when their layouts are equal."""
+
     num_layers: int
     block_size: int
     num_kv_heads: int
     head_dim: int
     dtype: str  # "float32", "float16" or "bfloat16"
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "block_size", "num_kv_heads", "head_dim"):
+            _require(getattr(self, name) >= 1, f"{name} must be positive")
+        _require(self.dtype in DTYPE_SIZES, f"unknown KV dtype {self.dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -35,6 +82,10 @@ class Register:
     max_model_len: int
     num_blocks: int
     version: str
+
+    def __post_init__(self) -> None:
+        _require(self.role in ROLES, f"role must be one of {ROLES}, got {self.role!r}")
+        _non_negative(self, "pid", "max_model_len", "num_blocks")
 
 
 @dataclass(frozen=True)
@@ -55,15 +106,23 @@ class Heartbeat:
     prefix_queries: int
     prefix_hits: int
 
+    def __post_init__(self) -> None:
+        _non_negative(
+            self, "running", "waiting", "num_free_blocks", "prefix_queries", "prefix_hits"
+        )
+
 
 @dataclass(frozen=True)
 class Generate:
     TYPE: ClassVar[str] = "generate"
     request_id: str
     prompt_token_ids: list[int]
-    params: dict
+    params: dict  # params_to_dict(SamplingParams)
     decode_worker_id: str  # "" when the same worker decodes (colocated)
     decode_endpoint: str
+
+    def __post_init__(self) -> None:
+        _check_token_ids("prompt_token_ids", self.prompt_token_ids)
 
 
 @dataclass(frozen=True)
@@ -84,6 +143,13 @@ class TokenOutput:
     num_cached_tokens: int
     error: str  # "" unless the request failed
 
+    def __post_init__(self) -> None:
+        _check_token_ids("token_ids", self.token_ids)
+        _non_negative(self, "num_cached_tokens")
+        if self.logprobs is not None:
+            for entry in self.logprobs:
+                _check_logprob_entry("each logprobs entry", entry)
+
 
 @dataclass(frozen=True)
 class KVOpen:
@@ -93,6 +159,9 @@ class KVOpen:
     prompt_token_ids: list[int]
     params: dict
     layout: KVLayout
+
+    def __post_init__(self) -> None:
+        _check_token_ids("prompt_token_ids", self.prompt_token_ids)
 
 
 @dataclass(frozen=True)
@@ -105,7 +174,8 @@ class KVOpenReply:
 
 @dataclass(frozen=True)
 class KVChunk:
-    """Followed by exactly `num_blocks` payload frames, `nbytes` in total."""
+    """Blocks `first_block ...` of a handoff; followed by exactly `num_blocks` payload frames of
+    one block each (block_shape = cache.shape[1:] = [layers, 2, block_size, kv_heads, head_dim])."""
 
     TYPE: ClassVar[str] = "kv_chunk"
     request_id: str
@@ -114,7 +184,29 @@ class KVChunk:
     block_shape: list[int]
     dtype: str
     nbytes: int
-    checksum: int
+    checksum: int  # frames_checksum of the payload: crc32 chained over the frames
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "first_block")
+        _require(self.num_blocks >= 1, f"num_blocks must be positive, got {self.num_blocks}")
+        _require(
+            len(self.block_shape) == 5 and min(self.block_shape) >= 1 and self.block_shape[1] == 2,
+            f"block_shape must be [layers, 2, block_size, kv_heads, head_dim], "
+            f"got {self.block_shape}",
+        )
+        _require(self.dtype in DTYPE_SIZES, f"unknown KV dtype {self.dtype!r}")
+        _require(
+            self.nbytes == self.num_blocks * self.block_nbytes,
+            f"nbytes={self.nbytes} is not {self.num_blocks} blocks of {self.block_nbytes} bytes",
+        )
+        _require(0 <= self.checksum < 1 << 32, f"checksum {self.checksum} is not a crc32")
+
+    @property
+    def block_nbytes(self) -> int:
+        n = DTYPE_SIZES[self.dtype]
+        for d in self.block_shape:
+            n *= d
+        return n
 
 
 @dataclass(frozen=True)
@@ -123,8 +215,13 @@ class KVDone:
     request_id: str
     num_blocks: int
     first_token: int
-    first_logprobs: list | None
+    first_logprobs: list | None  # [token_id, logprob, [[tid, lp], ...]] of the first token
     num_cached_tokens: int
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "num_blocks", "first_token", "num_cached_tokens")
+        if self.first_logprobs is not None:
+            _check_logprob_entry("first_logprobs", self.first_logprobs)
 
 
 @dataclass(frozen=True)
@@ -142,7 +239,7 @@ class KVAbort:
     reason: str
 
 
-MESSAGES = {
+MESSAGES: dict[str, type] = {
     cls.TYPE: cls
     for cls in (
         Register,
@@ -160,27 +257,36 @@ MESSAGES = {
     )
 }
 
-_PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams) if f.name != "extra"}
+# ---- SamplingParams on the wire ------------------------------------------------------------
+
+# NOTE: `extra` stays behind: it is a free-form local dict, not part of the request's meaning.
+_PARAM_FIELDS = {f.name: f for f in dataclasses.fields(SamplingParams) if f.name != "extra"}
+_PARAM_TUPLES = ("stop", "stop_token_ids")
+_PARAM_BOOLS = tuple(name for name, f in _PARAM_FIELDS.items() if f.type in (bool, "bool"))
 
 
 def params_to_dict(params: SamplingParams) -> dict:
+    """msgpack-native map of every field but `extra`; tuples become lists."""
     d = {name: getattr(params, name) for name in _PARAM_FIELDS}
-    d["stop"] = list(params.stop)
-    d["stop_token_ids"] = list(params.stop_token_ids)
+    for name in _PARAM_TUPLES:
+        d[name] = list(d[name])
     return d
 
 
 def params_from_dict(d: dict) -> SamplingParams:
     """SamplingParams from the wire; ValueError (naming the field) on anything off."""
     if not isinstance(d, dict):
-        raise ValueError("params: must be a map")
-    unknown = set(d) - _PARAM_FIELDS
+        raise ValueError(f"params: must be a map, got {type(d).__name__}")
+    unknown = [k for k in d if k not in _PARAM_FIELDS]
     if unknown:
-        raise ValueError(f"params: unknown fields {sorted(unknown)}")
-    for key in ("stop", "stop_token_ids"):
-        if key in d and not isinstance(d[key], list):
-            raise ValueError(f"{key}: must be a list")
+        raise ValueError(f"params: unknown fields {sorted(map(repr, unknown))}")
+    for name in _PARAM_TUPLES:
+        if name in d and not isinstance(d[name], list):
+            raise ValueError(f"{name}: must be a list, got {type(d[name]).__name__}")
+    for name in _PARAM_BOOLS:  # SamplingParams checks numbers itself, not its flags
+        if name in d and not isinstance(d[name], bool):
+            raise ValueError(f"{name}: must be a bool, got {d[name]!r}")
     try:
         return SamplingParams(**d)
-    except TypeError as e:  # a value of a type SamplingParams cannot even compare
+    except TypeError as e:  # a value SamplingParams cannot even compare
         raise ValueError(f"params: {e}") from None

@@ -1,11 +1,13 @@
-"""The codec round-trips every message and turns anything malformed into WireError only."""
+"""The codec round-trips every message and turns anything malformed into WireError, only."""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import struct
 
 import msgpack
 import pytest
+import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -13,70 +15,162 @@ from baton.scheduler.sampling_params import SamplingParams
 from baton.server.wire import codec
 from baton.server.wire import messages as m
 
-LAYOUT = m.KVLayout(30, 16, 3, 64, "float32")
+LAYOUT = m.KVLayout(30, 16, 3, 64, "bfloat16")
 PARAMS = m.params_to_dict(SamplingParams(max_tokens=5, stop=["a"], stop_token_ids=[7], seed=3))
+LOGPROB = [4, -0.5, [[4, -0.5], [9, -1.25]]]
+CHUNK = m.KVChunk("r", 2, 2, [1, 2, 1, 1, 2], "float16", 16, 1234)  # 8-byte blocks
 SAMPLES = [
-    m.Register("w", "decode", 1, "h", "smollm2", LAYOUT, "tcp://h:1", 8192, 100, "0"),
+    m.Register("w0", "decode", 41, "127.0.0.1", "smollm2", LAYOUT, "tcp://h:1", 8192, 100, "0.1"),
     m.RegisterReply(False, "layout differs"),
-    m.Heartbeat("w", 1, 2, 0.5, 10, 3, 1),
+    m.Heartbeat("w0", 1, 2, 0.5, 10, 3, 1),
     m.Generate("r", [1, 2, 3], PARAMS, "d", "tcp://h:1"),
+    m.Generate("r", list(range(50_000)), {}, "", ""),
     m.Abort("r"),
-    m.TokenOutput("r", "w", [4], [[4, -0.5, [[4, -0.5], [9, -1.0]]]], None, None, 16, ""),
-    m.TokenOutput("r", "w", [], None, "stop", 2, 0, ""),
+    m.TokenOutput("r", "w", [4], [LOGPROB], None, None, 16, ""),
+    m.TokenOutput("r", "w", [], None, "stop", 2, 0, "boom"),
     m.KVOpen("r", "p", [1, 2], PARAMS, LAYOUT),
     m.KVOpenReply("r", True, ""),
+    CHUNK,
+    m.KVDone("r", 2, 5, LOGPROB, 16),
     m.KVDone("r", 2, 5, None, 0),
     m.KVAck("r", True, ""),
     m.KVAbort("r", "aborted"),
 ]
+PAYLOAD = [b"abcdefgh", b"ijklmnop"]
+GEN, TOK, REG, DONE, HB, ACK = (SAMPLES[i] for i in (3, 6, 0, 11, 2, 13))
+LAYOUT_MAP = dataclasses.asdict(LAYOUT)
 
 
-@pytest.mark.parametrize("msg", SAMPLES, ids=lambda x: type(x).__name__)
-def test_round_trip(msg):
-    got, payload = codec.decode(codec.encode(msg))
-    assert got == msg and payload == []
-
-
-def test_kv_chunk_needs_its_payload():
-    chunk = m.KVChunk("r", 0, 2, [1, 2], "float32", 8, 0)
-    got, payload = codec.decode(codec.encode(chunk, [b"abcd", b"efgh"]))
-    assert got == chunk and [bytes(p) for p in payload] == [b"abcd", b"efgh"]
-    for frames in ([b"abcd"], [b"abcd", b"efg"], [b"abcd", b"efgh", b"ijkl"]):
-        with pytest.raises(codec.WireError):
-            codec.decode(codec.encode(chunk, frames))
-
-
-def test_params_survive_the_wire():
-    assert m.params_from_dict(PARAMS) == SamplingParams(
-        max_tokens=5, stop=["a"], stop_token_ids=[7], seed=3
-    )
-    with pytest.raises(ValueError, match="unknown"):
-        m.params_from_dict({**PARAMS, "evil": 1})
-    with pytest.raises(ValueError, match="temperature"):
-        m.params_from_dict({**PARAMS, "temperature": "hot"})
+def payload_of(msg):
+    return PAYLOAD if isinstance(msg, m.KVChunk) else []
 
 
 def header(t, fields, v=codec.PROTOCOL_VERSION):
     return [msgpack.packb({"t": t, "v": v, "f": fields})]
 
 
+def fields(msg, **changes):
+    return {**dataclasses.asdict(msg), **changes}
+
+
+def test_samples_cover_every_message_type():
+    assert {type(s).TYPE for s in SAMPLES} == set(m.MESSAGES)
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda x: type(x).__name__)
+@pytest.mark.parametrize("as_frame", [bytes, memoryview, zmq.Frame], ids=lambda f: f.__name__)
+def test_round_trip(msg, as_frame):
+    frames = codec.encode(msg, payload_of(msg))
+    assert isinstance(frames[0], bytes)
+    got, payload = codec.decode([as_frame(bytes(f)) for f in frames])
+    assert got == msg and type(got) is type(msg)
+    assert [bytes(p) for p in payload] == payload_of(msg)
+    assert all(isinstance(p, memoryview) for p in payload)
+
+
+def test_encode_passes_payload_through_untouched():
+    views = [memoryview(p) for p in PAYLOAD]
+    frames = codec.encode(CHUNK, views)
+    assert frames[1] is views[0] and frames[2] is views[1]  # zero-copy: sent as given
+
+
+def test_float_fields_take_ints_and_hand_back_floats():
+    msg, _ = codec.decode(header("heartbeat", fields(HB, kv_usage=1)))
+    assert msg.kv_usage == 1.0 and type(msg.kv_usage) is float
+
+
+def test_encode_refuses_what_decode_would_refuse():
+    with pytest.raises(TypeError):
+        codec.encode(m.KVLayout(1, 1, 1, 1, "float32"))
+    with pytest.raises(TypeError):
+        codec.encode({"t": "abort"})
+    with pytest.raises(codec.WireError, match="no payload"):
+        codec.encode(m.Abort("r"), [b"x"])
+    with pytest.raises(codec.WireError, match="frames"):
+        codec.encode(CHUNK, PAYLOAD[:1])
+    with pytest.raises(codec.WireError, match="bytes"):
+        codec.encode(CHUNK, [PAYLOAD[0], PAYLOAD[1][:-1]])
+    with pytest.raises(codec.WireError, match="msgpack"):
+        codec.encode(m.Generate("r", [1], {"x": object()}, "", ""))
+    with pytest.raises(codec.WireError, match="exceeds"):
+        codec.encode(m.Generate("r", [1 << 20] * 300_000, {}, "", ""))
+
+
+def p(frames, id):
+    return pytest.param(frames, id=id)
+
+
+def raw(t, v, f):
+    return [msgpack.packb({"t": t, "v": v, "f": f})]
+
+
 @pytest.mark.parametrize(
     "frames",
     [
-        [],
-        [b""],
-        [b"\xc1"],
-        [msgpack.packb([1, 2, 3])],
-        header("abort", {"request_id": "r"}, v=99),
-        header("nope", {}),
-        header("abort", {}),
-        header("abort", {"request_id": "r", "extra": 1}),
-        header("abort", {"request_id": 5}),
-        header("heartbeat", {**codec._to_plain(SAMPLES[2]), "running": True}),
-        header("generate", {**codec._to_plain(SAMPLES[3]), "prompt_token_ids": ["a"]}),
-        header("register", {**codec._to_plain(SAMPLES[0]), "layout": {"num_layers": 1}}),
-        [msgpack.packb({"t": "abort", "v": 1, "f": {"request_id": "x" * (1 << 17)}})],
-        [b"\x00" * (codec.MAX_HEADER_BYTES + 1)],
+        p([], "no frames"),
+        p(None, "not a sequence"),
+        p([None], "frame not a buffer"),
+        p(["abort"], "frame is str"),
+        p([b""], "empty header"),
+        p([b"\xc1"], "reserved byte"),
+        p([header("abort", {"request_id": "r"})[0] + b"\x00"], "trailing bytes"),
+        p([msgpack.packb([1, 2, 3])], "not a map"),
+        p([msgpack.packb({"t": "abort", "v": 1})], "no f"),
+        p([msgpack.packb({"t": "abort", "v": 1, "f": {}, "x": 0})], "extra key"),
+        p(header("abort", {"request_id": "r"}, v=99), "version"),
+        p(header("abort", {"request_id": "r"}, v=True), "version bool"),
+        p(header("abort", {"request_id": "r"}, v=1.0), "version float"),
+        p(header("nope", {}), "unknown type"),
+        p(header(["abort"], {}), "type not str"),
+        p(header("abort", [("request_id", "r")]), "fields not a map"),
+        p(header("abort", {}), "missing field"),
+        p(header("abort", {"request_id": "r", "extra": 1}), "extra field"),
+        p(header("abort", {"request_id": 5}), "int for str"),
+        p(header("abort", {"request_id": None}), "None for str"),
+        p(header("abort", {"request_id": b"r"}), "bin for str"),
+        p(header("heartbeat", fields(HB, running=True)), "bool for int"),
+        p(header("heartbeat", fields(HB, running=1.0)), "float for int"),
+        p(header("heartbeat", fields(HB, kv_usage=False)), "bool for float"),
+        p(header("heartbeat", fields(HB, kv_usage="0.5")), "str for float"),
+        p(header("kv_ack", fields(ACK, ok=1)), "int for bool"),
+        p(header("generate", fields(GEN, prompt_token_ids="abc")), "str for list"),
+        p(header("generate", fields(GEN, prompt_token_ids=[1, "2"])), "str in ids"),
+        p(header("generate", fields(GEN, prompt_token_ids=[1, True])), "bool in ids"),
+        p(header("generate", fields(GEN, prompt_token_ids=[1.0])), "float in ids"),
+        p(header("generate", fields(GEN, prompt_token_ids=[-1])), "negative id"),
+        p(header("generate", fields(GEN, params=[1])), "params not a map"),
+        p(header("generate", fields(GEN, params={1: 2})), "int map key"),
+        p(header("generate", fields(GEN, params={f"k{i}": i for i in range(65)})), "big map"),
+        p(header("token_output", fields(TOK, logprobs={"a": 1})), "map for list"),
+        p(header("token_output", fields(TOK, logprobs=[[4, -0.5]])), "bad logprobs"),
+        p(header("token_output", fields(TOK, stop_reason="2")), "str for int|None"),
+        p(header("token_output", fields(TOK, finish_reason=1)), "int for str|None"),
+        p(header("kv_done", fields(DONE, first_logprobs=[1, 2, 3])), "bad first logprobs"),
+        p(header("register", fields(REG, layout=None)), "layout None"),
+        p(header("register", fields(REG, layout={"num_layers": 1})), "layout short"),
+        p(header("register", fields(REG, layout={**LAYOUT_MAP, "dtype": "int4"})), "layout dt"),
+        p(header("register", fields(REG, layout={**LAYOUT_MAP, "head_dim": 64.0})), "layout fl"),
+        p(header("register", fields(REG, layout={**LAYOUT_MAP, "x": 1})), "layout extra"),
+        p(header("register", fields(REG, role="root")), "bad role"),
+        p(header("kv_chunk", fields(CHUNK, nbytes=17)) + PAYLOAD, "chunk nbytes"),
+        p(header("kv_chunk", fields(CHUNK, checksum=-1)) + PAYLOAD, "chunk crc"),
+        p(header("kv_chunk", fields(CHUNK, dtype="float64")) + PAYLOAD, "chunk dtype"),
+        p(header("kv_chunk", fields(CHUNK)), "chunk without payload"),
+        p(header("kv_chunk", fields(CHUNK)) + PAYLOAD[:1], "chunk one frame short"),
+        p(header("kv_chunk", fields(CHUNK)) + PAYLOAD * 2, "chunk two frames over"),
+        p(header("kv_chunk", fields(CHUNK)) + [b"abcdefg", b"hijklmnop"], "chunk uneven"),
+        p(header("kv_chunk", fields(CHUNK)) + [b"abcdefgh", b""], "chunk empty frame"),
+        p(header("kv_chunk", fields(CHUNK)) + [b"abcdefgh", None], "chunk None frame"),
+        p(header("abort", {"request_id": "r"}) + [b"x"], "payload on abort"),
+        p(header("abort", {"request_id": "x" * (codec.MAX_STR_LEN + 1)}), "long str"),
+        p(raw("abort", msgpack.ExtType(1, b"x"), {}), "ext type"),
+        p(raw("abort", 1, {"request_id": b"x" * 8}), "bin in header"),
+        p([b"\x91" * 100_000], "deep nesting"),
+        p([b"\xdd\xff\xff\xff\xff"], "array32 of 4G"),
+        p([b"\xdf\xff\xff\xff\xff"], "map32 of 4G"),
+        p([b"\xdb\xff\xff\xff\xff"], "str32 of 4G"),
+        p([b"\x00" * (codec.MAX_HEADER_BYTES + 1)], "header too big"),
+        p(header("generate", fields(GEN, prompt_token_ids=[0] * codec.MAX_LIST_LEN)), "big prompt"),
     ],
 )
 def test_malformed_frames_raise_wire_error(frames):
@@ -84,28 +178,106 @@ def test_malformed_frames_raise_wire_error(frames):
         codec.decode(frames)
 
 
+def only_wire_errors(frames) -> None:
+    """decode either refuses with WireError or returns a message that round-trips."""
+    try:
+        msg, payload = codec.decode(frames)
+    except codec.WireError:
+        return
+    again, _ = codec.decode(codec.encode(msg, payload))
+    # compare the encodings: a NaN float is not equal to itself
+    assert codec.encode(again, payload)[0] == codec.encode(msg, payload)[0]
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.binary(max_size=64), min_size=1, max_size=3))
 def test_random_bytes_only_raise_wire_error(frames):
-    with contextlib.suppress(codec.WireError):
-        codec.decode(frames)
+    only_wire_errors(frames)
 
 
 plain = st.recursive(
     st.none()
     | st.booleans()
-    | st.integers(-(2**63), 2**63 - 1)
+    | st.integers(-(2**63), 2**64 - 1)
     | st.floats()
-    | st.text(max_size=8),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    | st.text(max_size=8)
+    | st.binary(max_size=4),
+    lambda kids: (
+        st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4)
     ),
     max_leaves=12,
 )
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from(sorted(m.MESSAGES)), st.dictionaries(st.text(max_size=12), plain))
-def test_random_fields_only_raise_wire_error(t, fields):
-    with contextlib.suppress(codec.WireError):
-        codec.decode(header(t, fields))
+@given(
+    st.sampled_from(sorted(m.MESSAGES)) | st.text(max_size=8),
+    st.just(codec.PROTOCOL_VERSION) | plain,
+    st.dictionaries(st.text(max_size=12), plain) | plain,
+)
+def test_random_maps_only_raise_wire_error(t, v, f):
+    only_wire_errors(raw(t, v, f))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.sampled_from(SAMPLES), st.data())
+def test_one_wrong_field_only_raises_wire_error(msg, data):
+    good = dataclasses.asdict(msg)
+    name = data.draw(st.sampled_from(sorted(good)))
+    good[name] = data.draw(plain)
+    only_wire_errors(header(type(msg).TYPE, good) + payload_of(msg))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from([b"\xdc", b"\xde", b"\xda", b"\xc5"]) | st.just(b""),
+    st.sampled_from([b"\xdd", b"\xdf", b"\xdb", b"\xc6", b"\xc9"]),
+    st.integers(0, 2**32 - 1),
+    st.binary(max_size=32),
+)
+def test_oversize_containers_only_raise_wire_error(tag16, tag32, n, rest):
+    # a container that announces up to 4G entries must be refused before anything is allocated
+    body = tag16 + struct.pack(">H", n & 0xFFFF) if tag16 else tag32 + struct.pack(">I", n)
+    only_wire_errors([body + rest])
+    only_wire_errors([b"\x83\xa1t\xa5abort\xa1v\x01\xa1f" + body + rest])
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(0, 2**31), max_size=64),
+    st.lists(
+        st.tuples(
+            st.integers(0, 2**31),
+            st.floats(allow_nan=False),
+            st.lists(st.tuples(st.integers(0, 2**31), st.floats(allow_nan=False)), max_size=4),
+        ),
+        max_size=8,
+    )
+    | st.none(),
+    st.sampled_from([None, "stop", "length", "abort"]),
+    st.none() | st.integers(0, 2**31),
+)
+def test_token_outputs_round_trip(ids, lps, finish, stop):
+    lps = None if lps is None else [[t, lp, [list(x) for x in top]] for t, lp, top in lps]
+    msg = m.TokenOutput("req", "w", ids, lps, finish, stop, len(ids), "")
+    assert codec.decode(codec.encode(msg)) == (msg, [])
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.integers(0, 2**32), max_size=2000),
+    st.builds(
+        SamplingParams,
+        temperature=st.floats(0, 2),
+        top_k=st.integers(0, 100),
+        seed=st.none() | st.integers(0, 2**63 - 1),
+        max_tokens=st.none() | st.integers(1, 4096),
+        stop=st.lists(st.text(min_size=1, max_size=5), max_size=3),
+        stop_token_ids=st.lists(st.integers(0, 2**20), max_size=3),
+        logprobs=st.none() | st.integers(0, 20),
+    ),
+)
+def test_generate_round_trips_with_its_params(ids, params):
+    msg = m.Generate("req", ids, m.params_to_dict(params), "d", "ipc://x")
+    got, _ = codec.decode(codec.encode(msg))
+    assert got == msg and m.params_from_dict(got.params) == params
