@@ -27,7 +27,7 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 serve: install
-	$(PY) -m baton.server.cli demo
+	$(PY) -m baton.server.cli serve $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,88 @@
+"""The router's OpenAI-compatible HTTP app: routes only; the work is in `serving`."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import baton
+from baton.server.api import protocol as p
+from baton.server.api.backend import Backend
+from baton.server.api.errors import APIError, error_response, install_error_handlers
+from baton.server.api.metrics import Metrics
+from baton.server.api.serving import Serving
+
+
+class BearerAuth:
+    """With an API key configured, /v1/* needs `Authorization: Bearer <key>`. Checked before
+    the body is read, so a bad key is a 401 whatever the body holds."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            got = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(got, self.expected):
+                err = APIError(401, "invalid or missing API key", code="invalid_api_key")
+                await error_response(err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(
+    backend: Backend,
+    *,
+    served_model_name: str,
+    api_key: str | None = None,
+    metrics: Metrics | None = None,
+) -> FastAPI:
+    """Routes over `backend`. It needs: model_name, max_model_len, tokenizer, generate, abort,
+    health, workers (see baton.server.api.backend)."""
+    metrics = metrics if metrics is not None else Metrics()
+    metrics.watch_workers(backend.workers)
+    serving = Serving(backend, served_model_name, metrics)
+    app = FastAPI(title="Baton", version=baton.__version__)
+    app.state.metrics, app.state.serving = metrics, serving
+    install_error_handlers(app)
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key)
+
+    @app.post("/v1/completions")
+    async def completions(req: p.CompletionRequest, request: Request) -> Response:
+        return await serving.completions(req, request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: p.ChatCompletionRequest, request: Request) -> Response:
+        return await serving.chat(req, request)
+
+    @app.get("/v1/models")
+    async def models() -> p.ModelList:
+        card = p.ModelCard(
+            id=served_model_name, root=backend.model_name, max_model_len=backend.max_model_len
+        )
+        return p.ModelList(data=[card])
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok, reason = backend.health()
+        status = "ok" if ok else "unavailable"
+        return JSONResponse({"status": status, "reason": reason}, status_code=200 if ok else 503)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": baton.__version__}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/workers")
+    async def workers() -> JSONResponse:
+        return JSONResponse(backend.workers())
+
+    return app

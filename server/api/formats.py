@@ -1,0 +1,143 @@
+"""Deltas of a Generation as OpenAI bodies: completions or chat, streamed chunks or one response.
+
+A formatter lives for one request: completions keep each choice's running text offset.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from pydantic import BaseModel
+
+from baton.server.api import protocol as p
+from baton.server.api.generation import Delta
+
+MIN_LOGPROB = -9999.0  # NOTE: -inf is not JSON; OpenAI clients expect a finite float
+
+TokenStr = Callable[[int], str]
+
+
+def _lp(x: float) -> float:
+    return x if x == x and x > MIN_LOGPROB else MIN_LOGPROB
+
+
+def sse(chunk: BaseModel) -> str:
+    """One server-sent event. A chunk's usage is left out unless set; deltas keep set keys only."""
+    d = chunk.model_dump(mode="json")
+    if d.get("usage") is None:
+        d.pop("usage", None)
+    for c in d.get("choices", ()):
+        if "delta" in c:
+            c["delta"] = {k: v for k, v in c["delta"].items() if v is not None}
+    return f"data: {json.dumps(d, ensure_ascii=False)}\n\n"
+
+
+def merge(deltas: list[Delta], d: Delta) -> None:
+    """Adds `d` to the accumulated delta of its choice (a non-streamed response)."""
+    m = deltas[d.index]
+    m.text += d.text
+    m.token_ids += d.token_ids
+    if m.logprobs is not None and d.logprobs is not None:
+        m.logprobs += d.logprobs
+    if d.finish_reason is not None:
+        m.finish_reason, m.stop_reason = d.finish_reason, d.stop_reason
+
+
+class CompletionFormat:
+    def __init__(self, request_id: str, model: str, n: int, token_str: TokenStr) -> None:
+        self.id, self.model, self.n, self.token_str = request_id, model, n, token_str
+        self._offsets = [0] * n
+
+    def head(self) -> list[BaseModel]:
+        return []
+
+    def _logprobs(self, index: int, entries: list | None) -> p.CompletionLogprobs | None:
+        if entries is None:
+            return None
+        out = p.CompletionLogprobs()
+        for tid, lp, top in entries:
+            tok = self.token_str(tid)
+            out.tokens.append(tok)
+            out.token_logprobs.append(_lp(lp))
+            tops = {self.token_str(t): _lp(x) for t, x in top} if top else {tok: _lp(lp)}
+            out.top_logprobs.append(tops)
+            out.text_offset.append(self._offsets[index])
+            self._offsets[index] += len(tok)
+        return out
+
+    def _choice(self, d: Delta) -> p.CompletionChoice:
+        return p.CompletionChoice(
+            index=d.index,
+            text=d.text,
+            logprobs=self._logprobs(d.index, d.logprobs),
+            finish_reason=d.finish_reason,
+            stop_reason=d.stop_reason,
+        )
+
+    def chunk(self, d: Delta) -> BaseModel:
+        return p.CompletionResponse(id=self.id, model=self.model, choices=[self._choice(d)])
+
+    def usage_chunk(self, usage: p.Usage) -> BaseModel:
+        return p.CompletionResponse(id=self.id, model=self.model, choices=[], usage=usage)
+
+    def response(self, deltas: list[Delta], usage: p.Usage) -> BaseModel:
+        choices = [self._choice(d) for d in deltas]
+        return p.CompletionResponse(id=self.id, model=self.model, choices=choices, usage=usage)
+
+
+class ChatFormat:
+    def __init__(
+        self, request_id: str, model: str, n: int, token_str: TokenStr, top_logprobs: int
+    ) -> None:
+        self.id, self.model, self.n, self.token_str = request_id, model, n, token_str
+        self.top_logprobs = top_logprobs
+
+    def _entry(self, tid: int, lp: float) -> p.TopLogprob:
+        tok = self.token_str(tid)
+        return p.TopLogprob(token=tok, logprob=_lp(lp), bytes=list(tok.encode("utf-8")))
+
+    def _logprobs(self, entries: list | None) -> p.ChatLogprobs | None:
+        if entries is None:
+            return None
+        content = []
+        for tid, lp, top in entries:
+            e = self._entry(tid, lp)
+            tops = [self._entry(t, x) for t, x in (top or [])[: self.top_logprobs]]
+            content.append(p.TokenLogprob(**e.model_dump(), top_logprobs=tops))
+        return p.ChatLogprobs(content=content)
+
+    def _chunk(self, choice: p.ChatChunkChoice | None, usage: p.Usage | None = None) -> BaseModel:
+        choices = [choice] if choice is not None else []
+        return p.ChatCompletionChunk(id=self.id, model=self.model, choices=choices, usage=usage)
+
+    def head(self) -> list[BaseModel]:
+        """The role of each choice comes first, as OpenAI sends it."""
+        delta = p.DeltaMessage(role="assistant", content="")
+        return [self._chunk(p.ChatChunkChoice(index=i, delta=delta)) for i in range(self.n)]
+
+    def chunk(self, d: Delta) -> BaseModel:
+        choice = p.ChatChunkChoice(
+            index=d.index,
+            delta=p.DeltaMessage(content=d.text or None),
+            logprobs=self._logprobs(d.logprobs),
+            finish_reason=d.finish_reason,
+            stop_reason=d.stop_reason,
+        )
+        return self._chunk(choice)
+
+    def usage_chunk(self, usage: p.Usage) -> BaseModel:
+        return self._chunk(None, usage)
+
+    def response(self, deltas: list[Delta], usage: p.Usage) -> BaseModel:
+        choices = [
+            p.ChatChoice(
+                index=d.index,
+                message=p.AssistantMessage(content=d.text),
+                logprobs=self._logprobs(d.logprobs),
+                finish_reason=d.finish_reason,
+                stop_reason=d.stop_reason,
+            )
+            for d in deltas
+        ]
+        return p.ChatCompletionResponse(id=self.id, model=self.model, choices=choices, usage=usage)

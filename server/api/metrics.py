@@ -1,0 +1,175 @@
+"""Prometheus metrics of one router, in their own registry, named like vLLM's with `baton:`.
+
+The HTTP layer records request latencies and token counts; the backend reports what only it
+sees (prefix-cache totals from heartbeats, KV transfers, queue time). Per-worker gauges are read
+from `backend.workers()` at scrape time, so a worker that left disappears from the next scrape.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+logger = logging.getLogger(__name__)
+
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+ITL_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0,
+)  # fmt: skip
+REQUEST_LATENCY_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+    240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
+KV_TRANSFER_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+
+# (metric, help, key in a workers() dict)
+_WORKER_GAUGES = (
+    ("baton:num_requests_running", "Requests running on the worker.", "running"),
+    ("baton:num_requests_waiting", "Requests waiting on the worker.", "waiting"),
+    ("baton:kv_cache_usage_perc", "KV-cache usage of the worker. 1 means 100 percent.", "kv_usage"),
+)
+
+
+class _WorkerGauges:
+    """A custom collector: one sample per worker and gauge, read when scraped."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], list[dict]] | None = None
+
+    def describe(self):
+        labels = ["worker", "role"]
+        return [GaugeMetricFamily(name, doc, labels=labels) for name, doc, _ in _WORKER_GAUGES]
+
+    def collect(self):
+        families = self.describe()
+        try:
+            workers = self.source() if self.source is not None else []
+        except Exception:
+            logger.exception("workers() failed during a metrics scrape")
+            workers = []
+        for w in workers:
+            labels = [str(w.get("id", "")), str(w.get("role", ""))]
+            for fam, (_, _, key) in zip(families, _WORKER_GAUGES, strict=True):
+                value = w.get(key)
+                if isinstance(value, int | float):
+                    fam.add_metric(labels, float(value))
+        return families
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.ttft = Histogram(
+            "baton:time_to_first_token_seconds",
+            "Time from the request's arrival to its first token.",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "baton:inter_token_latency_seconds",
+            "Time between consecutive output tokens.",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "baton:e2e_request_latency_seconds",
+            "Time from the request's arrival to its last token.",
+            buckets=REQUEST_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "baton:request_queue_time_seconds",
+            "Time requests spent waiting before they ran (reported by the backend).",
+            buckets=REQUEST_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "baton:prompt_tokens", "Prompt tokens of admitted requests.", registry=r
+        )
+        self.generation_tokens = Counter("baton:generation_tokens", "Tokens generated.", registry=r)
+        self.request_success = Counter(
+            "baton:request_success",
+            "Finished requests (each of n choices counts).",
+            ["finished_reason"],
+            registry=r,
+        )
+        self.prefix_queries = Counter(
+            "baton:prefix_cache_queries",
+            "Prefix cache queries, in tokens.",
+            ["worker"],
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            "baton:prefix_cache_hits", "Prefix cache hits, in tokens.", ["worker"], registry=r
+        )
+        self.kv_bytes = Counter(
+            "baton:kv_transfer_bytes", "KV-cache bytes sent from prefill to decode.", registry=r
+        )
+        self.kv_duration = Histogram(
+            "baton:kv_transfer_duration_seconds",
+            "Duration of one request's KV handoff.",
+            buckets=KV_TRANSFER_BUCKETS,
+            registry=r,
+        )
+        self.kv_failures = Counter(
+            "baton:kv_transfer_failures", "KV handoffs that failed.", registry=r
+        )
+        self._workers = _WorkerGauges()
+        r.register(self._workers)
+        self._prefix_totals: dict[str, tuple[int, int]] = {}
+
+    def watch_workers(self, source: Callable[[], list[dict]]) -> None:
+        """Where the per-worker gauges come from (the backend's `workers`)."""
+        self._workers.source = source
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # ---- recorded by the HTTP layer -------------------------------------------------------
+
+    def observe_prompt(self, num_tokens: int) -> None:
+        self.prompt_tokens.inc(num_tokens)
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def observe_tokens(self, num_tokens: int, seconds: float) -> None:
+        """`num_tokens` more tokens arrived `seconds` after the previous ones."""
+        for _ in range(num_tokens):
+            self.itl.observe(seconds / num_tokens)
+
+    def observe_finish(self, finish_reason: str, e2e_seconds: float, num_tokens: int) -> None:
+        self.e2e.observe(e2e_seconds)
+        self.generation_tokens.inc(num_tokens)
+        self.request_success.labels(finished_reason=finish_reason).inc()
+
+    # ---- reported by the backend ----------------------------------------------------------
+
+    def observe_queue_time(self, seconds: float) -> None:
+        self.queue_time.observe(seconds)
+
+    def observe_prefix_cache(self, worker_id: str, queries_total: int, hits_total: int) -> None:
+        """A worker's running totals (as in its heartbeat); the counters get the increase.
+        Totals that went down mean the worker restarted: they count from zero again."""
+        last_q, last_h = self._prefix_totals.get(worker_id, (0, 0))
+        dq = queries_total - last_q if queries_total >= last_q else queries_total
+        dh = hits_total - last_h if hits_total >= last_h else hits_total
+        self._prefix_totals[worker_id] = (queries_total, hits_total)
+        self.prefix_queries.labels(worker=worker_id).inc(max(dq, 0))
+        self.prefix_hits.labels(worker=worker_id).inc(max(dh, 0))
+
+    def observe_kv_transfer(self, nbytes: int, seconds: float) -> None:
+        self.kv_bytes.inc(nbytes)
+        self.kv_duration.observe(seconds)
+
+    def observe_kv_transfer_failure(self) -> None:
+        self.kv_failures.inc()

@@ -1,0 +1,220 @@
+"""From a validated request to a response: model check, prompt tokens, length check, then one
+Generation answered as JSON or as server-sent events ending in `data: [DONE]`."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from baton.scheduler.sampling_params import SamplingParams
+from baton.server.api import protocol as p
+from baton.server.api.backend import Backend
+from baton.server.api.errors import APIError, error_body, invalid_field
+from baton.server.api.formats import ChatFormat, CompletionFormat, merge, sse
+from baton.server.api.generation import Delta, Generation
+from baton.server.api.metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+Format = CompletionFormat | ChatFormat
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events whose `on_close` runs however the response ends, even when the
+    client left before the body started (a never-started generator has no `finally` to run)."""
+
+    def __init__(self, content, on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.headers["Cache-Control"] = "no-cache"
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._on_close()
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class Serving:
+    def __init__(self, backend: Backend, served_model_name: str, metrics: Metrics) -> None:
+        self.backend, self.served_model_name, self.metrics = backend, served_model_name, metrics
+        self.token_str = functools.lru_cache(maxsize=1 << 16)(self._decode_one)
+
+    def _decode_one(self, token_id: int) -> str:
+        return self.backend.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    # ---- checks and prompts ---------------------------------------------------------------
+
+    def check_model(self, model: str) -> None:
+        if model not in (self.served_model_name, self.backend.model_name):
+            raise APIError(
+                404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
+            )
+
+    def check_length(self, num_prompt: int, max_tokens: int | None, prompt_param: str) -> None:
+        limit = self.backend.max_model_len
+        if max_tokens is None and num_prompt >= limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, the prompt "
+                f"has {num_prompt} tokens, which leaves no room for the completion.",
+                param=prompt_param,
+                code="context_length_exceeded",
+            )
+        if max_tokens is not None and num_prompt + max_tokens > limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} for "
+                f"the completion). Please reduce the prompt or max_tokens.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+
+    def completion_prompt(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            if len(prompt) != 1:
+                raise APIError(400, "prompt: one prompt per request is supported", param="prompt")
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = list(self.backend.tokenizer.encode(prompt))
+        else:
+            vocab = len(self.backend.tokenizer)
+            bad = next((t for t in prompt if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise APIError(
+                    400, f"prompt: token id {bad} is not in [0, {vocab})", param="prompt"
+                )
+            ids = list(prompt)
+        if not ids:
+            raise APIError(400, "prompt: must not be empty", param="prompt")
+        return ids
+
+    def chat_prompt(self, messages: list[p.ChatMessage]) -> list[int]:
+        conv = [m.template_dict() for m in messages]
+        try:
+            out = self.backend.tokenizer.apply_chat_template(
+                conv, add_generation_prompt=True, tokenize=True
+            )
+        except Exception as e:  # a template that rejects the conversation (roles, order)
+            raise APIError(
+                400, f"messages: the chat template failed: {e}", param="messages"
+            ) from None
+        # NOTE: transformers 5 returns a BatchEncoding (a mapping) where 4 returned the ids.
+        if hasattr(out, "keys"):
+            out = out["input_ids"]
+        if out and isinstance(out[0], list):
+            out = out[0]
+        return [int(t) for t in out]
+
+    # ---- the two endpoints ----------------------------------------------------------------
+
+    async def completions(self, req: p.CompletionRequest, request: Request) -> Response:
+        arrival = time.monotonic()
+        self.check_model(req.model)
+        try:
+            params = req.sampling_params()
+        except ValueError as e:
+            raise invalid_field(e) from None
+        prompt_ids = self.completion_prompt(req.prompt)
+        self.check_length(len(prompt_ids), params.max_tokens, "prompt")
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        fmt = CompletionFormat(rid, req.model, params.n, self.token_str)
+        return await self._run(request, arrival, rid, prompt_ids, params, req, fmt)
+
+    async def chat(self, req: p.ChatCompletionRequest, request: Request) -> Response:
+        arrival = time.monotonic()
+        self.check_model(req.model)
+        try:
+            params = req.sampling_params()
+        except ValueError as e:
+            raise invalid_field(e) from None
+        prompt_ids = self.chat_prompt(req.messages)
+        self.check_length(len(prompt_ids), params.max_tokens, "messages")
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        fmt = ChatFormat(rid, req.model, params.n, self.token_str, params.logprobs or 0)
+        return await self._run(request, arrival, rid, prompt_ids, params, req, fmt)
+
+    # ---- running ----------------------------------------------------------------------------
+
+    async def _run(
+        self,
+        request: Request,
+        arrival: float,
+        rid: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        req: p.CompletionRequest | p.ChatCompletionRequest,
+        fmt: Format,
+    ) -> Response:
+        gen = Generation(self.backend, rid, prompt_ids, params, self.metrics, arrival)
+        await gen.start()  # NoWorkerAvailable: answered 503 by its handler
+        if req.stream:
+            return EventStream(self._events(gen, fmt, req.include_usage), on_close=gen.close)
+        return await self._respond(gen, fmt, request)
+
+    def _usage(self, gen: Generation) -> p.Usage:
+        n_prompt, n_out = len(gen.prompt_token_ids), gen.num_generated_tokens
+        return p.Usage(
+            prompt_tokens=n_prompt,
+            completion_tokens=n_out,
+            total_tokens=n_prompt + n_out,
+            prompt_tokens_details=p.PromptTokensDetails(cached_tokens=gen.num_cached_tokens),
+        )
+
+    async def _events(self, gen: Generation, fmt: Format, include_usage: bool):
+        try:
+            for chunk in fmt.head():
+                yield sse(chunk)
+            async for d in gen.deltas():
+                yield sse(fmt.chunk(d))
+            if include_usage:
+                yield sse(fmt.usage_chunk(self._usage(gen)))
+        except Exception:
+            logger.exception("request %s failed while streaming", fmt.id)
+            yield f"data: {json.dumps(error_body(500, 'internal error'))}\n\n"
+        finally:
+            # NOTE: a disconnect cancels us inside a cancelled anyio scope: shield the aborts.
+            with anyio.CancelScope(shield=True):
+                await gen.close()
+        yield "data: [DONE]\n\n"
+
+    async def _respond(self, gen: Generation, fmt: Format, request: Request) -> Response:
+        want_logprobs = gen.params.logprobs is not None
+        merged = [Delta(i, "", [], [] if want_logprobs else None) for i in range(fmt.n)]
+
+        async def collect() -> None:
+            async for d in gen.deltas():
+                merge(merged, d)
+
+        work = asyncio.ensure_future(collect())
+        gone = asyncio.ensure_future(_until_disconnect(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                logger.info("client left before %s finished; aborted", fmt.id)
+                return Response(status_code=499)
+            work.result()
+        finally:
+            for t in (work, gone):
+                t.cancel()
+            await asyncio.gather(work, gone, return_exceptions=True)
+            await gen.close()
+        return JSONResponse(fmt.response(merged, self._usage(gen)).model_dump(mode="json"))

@@ -1,0 +1,95 @@
+"""/metrics: request latencies and token counts after real requests, per-worker gauges read at
+scrape time, and the counters the backend feeds."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from baton.server.api.metrics import Metrics
+from tests.server.api.conftest import ALIAS, Server
+
+PROMPT = "The capital of France is"
+
+
+def samples(text: str) -> dict[tuple, float]:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, *sorted(s.labels.items()))] = s.value
+    return out
+
+
+@pytest.fixture
+def fresh(backend):
+    s = Server(backend)
+    yield s
+    s.stop()
+
+
+def test_metrics_after_requests(fresh, tokenizer):
+    c = fresh.client()
+    c.completions.create(model=ALIAS, prompt=PROMPT, max_tokens=50)
+    list(c.completions.create(model=ALIAS, prompt=PROMPT, max_tokens=4, stream=True))
+    r = fresh.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    m = samples(r.text)
+    n_prompt, n_all = len(tokenizer.encode(PROMPT)), len(fresh.backend.script.tokens)
+    assert m[("baton:prompt_tokens_total",)] == 2 * n_prompt
+    assert m[("baton:generation_tokens_total",)] == n_all + 4
+    assert m[("baton:request_success_total", ("finished_reason", "stop"))] == 1
+    assert m[("baton:request_success_total", ("finished_reason", "length"))] == 1
+    assert m[("baton:time_to_first_token_seconds_count",)] == 2
+    assert m[("baton:e2e_request_latency_seconds_count",)] == 2
+    # one token per event: every token but each request's first has an inter-token latency
+    assert m[("baton:inter_token_latency_seconds_count",)] == n_all + 4 - 2
+    assert m[("baton:time_to_first_token_seconds_bucket", ("le", "0.001"))] >= 0
+    assert ("baton:e2e_request_latency_seconds_bucket", ("le", "7680.0")) in m  # vLLM's buckets
+
+
+def test_worker_gauges_are_read_at_scrape_time(fresh):
+    m = samples(fresh.get("/metrics").text)
+    p0, d0 = (("role", "prefill"), ("worker", "p0")), (("role", "decode"), ("worker", "d0"))
+    assert m[("baton:num_requests_running", *p0)] == 1
+    assert m[("baton:num_requests_waiting", *p0)] == 2
+    assert m[("baton:num_requests_running", *d0)] == 3
+    assert m[("baton:kv_cache_usage_perc", *d0)] == 0.5
+    fresh.backend.worker_list = fresh.backend.worker_list[1:]  # p0 left
+    m = samples(fresh.get("/metrics").text)
+    assert ("baton:num_requests_running", *p0) not in m
+    assert m[("baton:kv_cache_usage_perc", *d0)] == 0.5
+
+
+def test_backend_fed_counters():
+    metrics = Metrics()
+    metrics.observe_prefix_cache("d0", 100, 40)
+    metrics.observe_prefix_cache("d0", 150, 60)
+    metrics.observe_prefix_cache("d0", 10, 5)  # restarted: counts from zero again
+    metrics.observe_prefix_cache("d1", 7, 0)
+    metrics.observe_kv_transfer(1000, 0.01)
+    metrics.observe_kv_transfer(500, 2.0)
+    metrics.observe_kv_transfer_failure()
+    metrics.observe_queue_time(0.4)
+    m = samples(metrics.render().decode())
+    assert m[("baton:prefix_cache_queries_total", ("worker", "d0"))] == 160
+    assert m[("baton:prefix_cache_hits_total", ("worker", "d0"))] == 65
+    assert m[("baton:prefix_cache_queries_total", ("worker", "d1"))] == 7
+    assert m[("baton:kv_transfer_bytes_total",)] == 1500
+    assert m[("baton:kv_transfer_duration_seconds_count",)] == 2
+    assert m[("baton:kv_transfer_duration_seconds_bucket", ("le", "0.01"))] == 1
+    assert m[("baton:kv_transfer_failures_total",)] == 1
+    assert m[("baton:request_queue_time_seconds_count",)] == 1
+    # registries are per app: another Metrics starts from zero
+    assert samples(Metrics().render().decode())[("baton:kv_transfer_bytes_total",)] == 0
+
+
+def test_a_failing_workers_call_does_not_break_the_scrape():
+    metrics = Metrics()
+
+    def broken() -> list[dict]:
+        raise RuntimeError("boom")
+
+    metrics.watch_workers(broken)
+    m = samples(metrics.render().decode())
+    assert not any(k[0] == "baton:num_requests_running" for k in m)
+    assert ("baton:prompt_tokens_total",) in m

@@ -1,0 +1,215 @@
+"""End to end: `baton serve` as real processes on loopback, driven by the official openai client."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+import zmq
+
+from baton import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The capital of France is"
+CHAT = [{"role": "user", "content": "Name three colours."}]
+MAX_TOKENS = 12
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "baton.server.cli", "serve", "--port", str(self.port)]
+        cmd += ["--device", "cpu", "--dtype", "float32", "--kv-cache-gib", "0.1", *args]
+        env = {**os.environ, "BATON_LOG_LEVEL": "WARNING"}
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        self.lines: list[str] = []
+        self.control = ""
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError("server exited:\n" + "".join(self.lines))
+            self.lines.append(line)
+            if m := re.search(r"workers connect to (\S+)", line):
+                self.control = m.group(1)
+            if "Baton listening" in line:
+                break
+        else:
+            raise RuntimeError("server did not start:\n" + "".join(self.lines))
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kw) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kw.pop("api_key", "x"), **kw)
+
+    def workers(self) -> list[dict]:
+        return httpx.get(self.url + "/workers", timeout=10).json()
+
+    def wait_idle(self, timeout: float = 20) -> list[dict]:
+        """Until every worker reports nothing running, waiting or held in its KV cache."""
+        deadline = time.monotonic() + timeout
+        while True:
+            ws = self.workers()
+            if all(
+                w["running"] == 0 and w["waiting"] == 0 and w["num_free_blocks"] == w["num_blocks"]
+                for w in ws
+                if w["state"] == "ready"
+            ):
+                return ws
+            assert time.monotonic() < deadline, ws
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def disagg():
+    s = Server("--mode", "disagg")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def colocated():
+    s = Server("--mode", "colocated")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def offline(smollm2):
+    p = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    return {
+        "completion": smollm2.generate([PROMPT], p)[0],
+        "chat": smollm2.chat(CHAT, p)[0],
+    }
+
+
+def test_completion_equals_offline_engine_and_colocated(disagg, colocated, offline):
+    want = offline["completion"]
+    for server in (disagg, colocated):
+        r = server.client().completions.create(
+            model="smollm2", prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0
+        )
+        assert r.choices[0].text == want.text
+        assert r.usage.prompt_tokens == len(want.prompt_token_ids)
+        assert r.usage.completion_tokens == len(want.token_ids)
+        assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert any(w["served"] for w in disagg.workers() if w["role"] == "decode")
+
+
+def test_chat_streamed_equals_unstreamed_and_offline(disagg, offline):
+    c = disagg.client()
+    kw = {"model": "smollm2", "messages": CHAT, "max_tokens": MAX_TOKENS, "temperature": 0}
+    whole = c.chat.completions.create(**kw)
+    assert whole.choices[0].message.content == offline["chat"].text
+    chunks = list(
+        c.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw)
+    )
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
+
+
+def test_client_disconnect_frees_kv_on_both_sides(disagg):
+    body = {
+        "model": "smollm2",
+        "prompt": PROMPT,
+        "max_tokens": 400,
+        "stream": True,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    with httpx.stream("POST", disagg.url + "/v1/completions", json=body, timeout=30) as r:
+        got = 0
+        for line in r.iter_lines():
+            got += line.startswith("data: ")
+            if got >= 3:
+                break
+    disagg.wait_idle()
+
+
+def test_errors_have_openai_shape(disagg):
+    c = disagg.client(max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        c.completions.create(model="nope", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.completions.create(model="smollm2", prompt="hi", max_tokens=10**6)
+    assert "1000000" in str(e.value)
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model="smollm2", prompt="hi", max_tokens=2, temperature=-1)
+
+
+def test_malformed_frames_are_dropped_and_the_worker_lives_on(disagg):
+    decode = next(w for w in disagg.workers() if w["role"] == "decode")
+    ctx = zmq.Context()
+    junk = [
+        [b"\x00\x01garbage"],
+        [b"\x81\xa1t\xa5Abort"],  # msgpack, but not a message
+        [b"\xc1"],  # invalid msgpack byte
+        [b"", b"", b""],
+    ]
+    for endpoint in (decode["kv_endpoint"], disagg.control):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(endpoint)
+        for frames in junk:
+            s.send_multipart(frames)
+        time.sleep(0.3)
+        s.close()
+    ctx.term()
+    r = disagg.client().completions.create(model="smollm2", prompt=PROMPT, max_tokens=3)
+    assert r.choices[0].text
+    assert all(w["state"] == "ready" for w in disagg.workers())
+
+
+def worker_proc(control: str, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "baton.server.cli", "worker", "--router", control]
+    cmd += ["--device", "cpu", "--dtype", "float32", "--kv-cache-gib", "0.1", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_incompatible_worker_is_refused(disagg):
+    p = worker_proc(disagg.control, "--role", "decode", "--block-size", "32")
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode != 0
+    assert "refused" in out and "layout" in out
+    assert len(disagg.workers()) == 2
+
+
+def test_worker_joins_a_running_server(disagg):
+    p = worker_proc(disagg.control, "--role", "decode", "--worker-id", "late-decode")
+    try:
+        deadline = time.monotonic() + 120
+        while not any(w["id"] == "late-decode" for w in disagg.workers()):
+            assert p.poll() is None and time.monotonic() < deadline
+            time.sleep(0.3)
+        c = disagg.client()
+        for _ in range(2):  # the newcomer has the most free KV, so it is picked
+            c.completions.create(model="smollm2", prompt=PROMPT, max_tokens=3)
+        late = next(w for w in disagg.workers() if w["id"] == "late-decode")
+        assert late["served"] >= 1
+    finally:
+        p.terminate()
+        p.wait(timeout=20)
