@@ -6,6 +6,18 @@ from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("auto", "dummy")
+DEFAULT_MAX_MODEL_LEN_CAP = 8192
+
+
+def resolve_max_model_len(requested: int | None, model_max: int) -> int:
+    """The context length to serve: the model's, capped by default; never past the model's."""
+    if requested is None:
+        return min(model_max, DEFAULT_MAX_MODEL_LEN_CAP)
+    if requested > model_max:
+        raise ValueError(
+            f"max_model_len: {requested} exceeds the model's max_position_embeddings ({model_max})"
+        )
+    return requested
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from baton.scheduler.batcher import Batcher
 from baton.scheduler.config import CacheConfig, SchedulerConfig
 from baton.scheduler.sampling_params import SamplingParams
 from baton.scheduler.sequence import Sequence
-from baton.server.config import EngineConfig
+from baton.server.config import EngineConfig, resolve_max_model_len
 from baton.server.detokenizer import IncrementalDetokenizer
 from baton.server.kv_cache import block_bytes, cuda_kv_budget, num_blocks_for_budget
 from baton.server.loader import load_model
@@ -21,7 +21,6 @@ from baton.server.outputs import CompletionOutput, RequestOutput
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_MODEL_LEN_CAP = 8192
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -86,7 +85,7 @@ class LLMEngine:
         self.model_dir = loaded.model_dir
         self.model_config = mc = loaded.config
         self.tokenizer = loaded.tokenizer
-        self.max_model_len = self._max_model_len(config, mc.max_position_embeddings)
+        self.max_model_len = resolve_max_model_len(config.max_model_len, mc.max_position_embeddings)
         per_block = block_bytes(
             mc.num_hidden_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, self.dtype
         )
@@ -134,16 +133,6 @@ class LLMEngine:
             num_blocks * per_block / 2**20,
             self.runner.backend.name,
         )
-
-    def _max_model_len(self, config: EngineConfig, model_max: int) -> int:
-        if config.max_model_len is None:
-            return min(model_max, DEFAULT_MAX_MODEL_LEN_CAP)
-        if config.max_model_len > model_max:
-            raise ValueError(
-                f"max_model_len: {config.max_model_len} exceeds the model's "
-                f"max_position_embeddings ({model_max})"
-            )
-        return config.max_model_len
 
     def _kv_budget_bytes(self, config: EngineConfig) -> int:
         if self.device.type == "cuda":

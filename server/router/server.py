@@ -10,11 +10,10 @@ import uvicorn
 
 from baton.server.api.app import build_app
 from baton.server.api.metrics import Metrics
+from baton.server.config import resolve_max_model_len
 from baton.server.router.backend import RouterConfig, ZmqBackend
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MAX_MODEL_LEN_CAP = 8192  # the engine's default cap, so workers always cover it
 
 
 @dataclass(frozen=True)
@@ -33,10 +32,8 @@ def build_backend(config: ServeConfig) -> ZmqBackend:
     from baton.server.loader import resolve_model
 
     spec = resolve_model(config.model, config.load_format)
-    model_max = spec.config.max_position_embeddings
-    max_len = config.max_model_len or min(model_max, DEFAULT_MAX_MODEL_LEN_CAP)
-    if max_len > model_max:
-        raise ValueError(f"max_model_len: {max_len} exceeds the model's {model_max}")
+    # NOTE: the engine's own rule, so workers started with the same flags always cover it.
+    max_len = resolve_max_model_len(config.max_model_len, spec.config.max_position_embeddings)
     tokenizer = spec.load_tokenizer()
     if tokenizer is None:
         raise ValueError(f"model: {config.model!r} has no tokenizer; the router needs one")
