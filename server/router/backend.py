@@ -35,7 +35,6 @@ class RouterConfig:
 class _Stream:
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     workers: list[str] = field(default_factory=list)
-    decode_worker: str = ""
     started: float = 0.0
 
 
@@ -213,7 +212,6 @@ class ZmqBackend:
                 raise NoWorkerAvailable("decode")
         stream = _Stream(started=time.monotonic())
         stream.workers = [prefill.worker_id] + ([decode.worker_id] if decode else [])
-        stream.decode_worker = decode.worker_id if decode else prefill.worker_id
         self.streams[request_id] = stream
         for wid in stream.workers:
             self.pool.workers[wid].assigned.add(request_id)
@@ -239,10 +237,6 @@ class ZmqBackend:
                     raise RuntimeError(msg.error)
                 if msg.finish_reason is None and not msg.token_ids:
                     continue
-                if msg.finish_reason is not None and msg.worker_id != stream.decode_worker:
-                    # the prefill worker finished it (first token ended it): the decode side
-                    # holds a reservation that the prefill worker's KVAbort releases.
-                    pass
                 yield TokenEvent(
                     token_ids=list(msg.token_ids),
                     logprobs=msg.logprobs,

@@ -26,6 +26,17 @@ CHUNK_BLOCKS = 64  # blocks per KVChunk message
 VERSION = "0.1.0"
 
 
+def _logprob_to_wire(entry) -> list:
+    """(token, logprob, [(token, logprob), ...]) as msgpack-native lists."""
+    token, logprob, top = entry
+    return [token, logprob, [list(x) for x in top]]
+
+
+def _logprob_from_wire(entry) -> tuple:
+    token, logprob, top = entry
+    return (token, logprob, [tuple(x) for x in top])
+
+
 class Worker:
     def __init__(self, config: WorkerConfig, engine: LLMEngine | None = None) -> None:
         self.config = config
@@ -88,10 +99,12 @@ class Worker:
         raise RuntimeError(f"no answer from the router at {self.config.router}")
 
     def run(self) -> None:
-        self.register()
-        while self.running:
-            self.run_once()
-        self.close()
+        try:
+            self.register()
+            while self.running:
+                self.run_once()
+        finally:
+            self.close()
 
     def close(self) -> None:
         for sock in [self.ctrl, self.kv, *self.peers.values()]:
@@ -194,7 +207,7 @@ class Worker:
             n = len(c.token_ids_delta)
             lps = None
             if c.logprobs:
-                lps = [[t, lp, [list(x) for x in top]] for t, lp, top in c.logprobs[-n:]]
+                lps = [_logprob_to_wire(e) for e in c.logprobs[len(c.logprobs) - n :]]
             stop = c.stop_reason if isinstance(c.stop_reason, int) else None
             self._send_ctrl(
                 m.TokenOutput(
@@ -288,13 +301,7 @@ class Worker:
                         h.request_id,
                         len(h.block_ids),
                         h.first_token,
-                        [
-                            h.first_logprobs[0],
-                            h.first_logprobs[1],
-                            [list(x) for x in h.first_logprobs[2]],
-                        ]
-                        if h.first_logprobs
-                        else None,
+                        _logprob_to_wire(h.first_logprobs) if h.first_logprobs else None,
                         h.num_cached_tokens,
                     ),
                 )
@@ -382,7 +389,7 @@ class Worker:
                 )
             del self.incoming[msg.request_id]
             lps = msg.first_logprobs
-            first_lp = (lps[0], lps[1], [tuple(x) for x in lps[2]]) if lps else None
+            first_lp = _logprob_from_wire(lps) if lps else None
             done = self.engine.commit_prefilled(msg.request_id, msg.first_token, first_lp)
             self._send_kv(peer, m.KVAck(msg.request_id, True, ""))
             if done is not None:  # the first token already ended it (e.g. max_tokens)
