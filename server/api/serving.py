@@ -124,15 +124,19 @@ class Serving:
             out = out[0]
         return [int(t) for t in out]
 
+    def checked_params(self, req: p.CompletionRequest | p.ChatCompletionRequest):
+        """The model must be ours and the sampling fields valid (400 naming the field)."""
+        self.check_model(req.model)
+        try:
+            return req.sampling_params()
+        except ValueError as e:
+            raise invalid_field(e) from None
+
     # ---- the two endpoints ----------------------------------------------------------------
 
     async def completions(self, req: p.CompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
-        self.check_model(req.model)
-        try:
-            params = req.sampling_params()
-        except ValueError as e:
-            raise invalid_field(e) from None
+        params = self.checked_params(req)
         prompt_ids = self.completion_prompt(req.prompt)
         self.check_length(len(prompt_ids), params.max_tokens, "prompt")
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -141,11 +145,7 @@ class Serving:
 
     async def chat(self, req: p.ChatCompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
-        self.check_model(req.model)
-        try:
-            params = req.sampling_params()
-        except ValueError as e:
-            raise invalid_field(e) from None
+        params = self.checked_params(req)
         prompt_ids = self.chat_prompt(req.messages)
         self.check_length(len(prompt_ids), params.max_tokens, "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
