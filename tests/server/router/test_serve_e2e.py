@@ -199,14 +199,17 @@ def test_incompatible_worker_is_refused(disagg):
 
 
 def test_worker_joins_a_running_server(disagg):
-    p = worker_proc(disagg.control, "--role", "decode", "--worker-id", "late-decode")
+    # Twice the KV of the first decode worker, so placement (most free KV) must pick it.
+    p = worker_proc(
+        disagg.control, "--role", "decode", "--worker-id", "late-decode", "--kv-cache-gib", "0.2"
+    )
     try:
         deadline = time.monotonic() + 120
         while not any(w["id"] == "late-decode" for w in disagg.workers()):
             assert p.poll() is None and time.monotonic() < deadline
             time.sleep(0.3)
         c = disagg.client()
-        for _ in range(2):  # the newcomer has the most free KV, so it is picked
+        for _ in range(2):
             c.completions.create(model="smollm2", prompt=PROMPT, max_tokens=3)
         late = next(w for w in disagg.workers() if w["id"] == "late-decode")
         assert late["served"] >= 1
