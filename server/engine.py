@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +61,8 @@ class _Request:
     detoks: list[IncrementalDetokenizer | None]
     outputs: list[CompletionOutput] = field(default_factory=list)
     handoff: bool = False  # prefill role: hand the KV over after the first token
+    arrival_time: float = field(default_factory=time.monotonic)
+    queue_time: float | None = None  # arrival to the first step that ran any of its tokens
 
     @property
     def finished(self) -> bool:
@@ -259,11 +262,13 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One model step. Returns an output (with this step's deltas) per request it advanced."""
+        now = time.monotonic()
         batch = self.batcher.schedule()
         if not batch.seqs:
             return []
         samples = self.runner.execute(batch)
         advanced = self.batcher.update(batch, {sid: r.token_id for sid, r in samples.items()})
+        self._mark_scheduled(batch.seqs, now)
         touched: dict[str, _Request] = {}
         for out in self._all_outputs():
             out.text_delta, out.token_ids_delta = "", []
@@ -279,6 +284,12 @@ class LLMEngine:
             if req.finished or req.handoff:
                 del self._requests[req.request_id]
         return results
+
+    def _mark_scheduled(self, seqs: list[Sequence], now: float) -> None:
+        for seq in seqs:
+            owner = self._seq_owner.get(seq.seq_id)
+            if owner is not None and owner[0].queue_time is None:
+                owner[0].queue_time = max(0.0, now - owner[0].arrival_time)
 
     def _all_outputs(self):
         for req in self._requests.values():
@@ -325,6 +336,7 @@ class LLMEngine:
             ],
             finished=req.finished,
             num_cached_tokens=req.seqs[0].num_cached_tokens,
+            queue_time=req.queue_time,
         )
 
     # ---- introspection --------------------------------------------------------------------
@@ -396,7 +408,7 @@ class LLMEngine:
         """The reserved prompt's KV is in place: decode from its first token on. Returns an
         output only if the first token already ends the request."""
         seq = self.batcher.commit(request_id, first_token)
-        req = _Request(request_id, None, list(seq.prompt_token_ids), [seq], [None])
+        req = _Request(request_id, None, list(seq.prompt_token_ids), [seq], [None], queue_time=0.0)
         out = CompletionOutput(index=0, token_ids=[first_token])
         if first_logprobs is not None:
             out.logprobs = [tuple(first_logprobs)]

@@ -31,6 +31,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     num_cached_tokens: int = 0
+    # Seconds from arrival to the first step that ran the request; None until it ran.
+    queue_time: float | None = None
 
     @property
     def text(self) -> str:

@@ -116,7 +116,8 @@ class Metrics:
         )
         self.kv_duration = Histogram(
             "baton:kv_transfer_duration_seconds",
-            "Duration of one request's KV handoff.",
+            "Duration of one request's KV handoff, from its first chunk sent to the decode "
+            "worker's acknowledgement.",
             buckets=KV_TRANSFER_BUCKETS,
             registry=r,
         )

@@ -122,9 +122,18 @@ class ZmqBackend:
             if self.metrics is not None:
                 self.metrics.observe_prefix_cache(ident, msg.prefix_queries, msg.prefix_hits)
         elif isinstance(msg, m.TokenOutput):
+            if msg.queue_time_s is not None and self.metrics is not None:
+                self.metrics.observe_queue_time(msg.queue_time_s)
             stream = self.streams.get(msg.request_id)
             if stream is not None:
                 stream.queue.put_nowait(msg)
+        elif isinstance(msg, m.KVReport):
+            if self.metrics is None:
+                pass
+            elif msg.ok:
+                self.metrics.observe_kv_transfer(msg.nbytes, msg.seconds)
+            else:
+                self.metrics.observe_kv_transfer_failure()
         else:
             logger.warning("dropped an unexpected %s from %s", type(msg).__name__, ident)
 

@@ -142,10 +142,12 @@ class TokenOutput:
     stop_reason: int | None
     num_cached_tokens: int
     error: str  # "" unless the request failed
+    queue_time_s: float | None = None  # on a request's first output from the worker that ran it
 
     def __post_init__(self) -> None:
         _check_token_ids("token_ids", self.token_ids)
         _non_negative(self, "num_cached_tokens")
+        _require(self.queue_time_s is None or self.queue_time_s >= 0, "queue_time_s >= 0")
         if self.logprobs is not None:
             for entry in self.logprobs:
                 _check_logprob_entry("each logprobs entry", entry)
@@ -239,6 +241,20 @@ class KVAbort:
     reason: str
 
 
+@dataclass(frozen=True)
+class KVReport:
+    """Prefill worker -> router, once a handoff has ended: what it moved and how long it took."""
+
+    TYPE: ClassVar[str] = "kv_report"
+    request_id: str
+    nbytes: int
+    seconds: float
+    ok: bool
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "nbytes", "seconds")
+
+
 MESSAGES: dict[str, type] = {
     cls.TYPE: cls
     for cls in (
@@ -254,6 +270,7 @@ MESSAGES: dict[str, type] = {
         KVDone,
         KVAck,
         KVAbort,
+        KVReport,
     )
 }
 

@@ -19,6 +19,7 @@ class Outgoing:
     done_sent: bool = False
     bytes_sent: int = 0
     started: float = 0.0
+    first_sent: float | None = None  # when the first chunk went out
 
 
 @dataclass

@@ -209,6 +209,8 @@ class Worker:
             if c.logprobs:
                 lps = [_logprob_to_wire(e) for e in c.logprobs[len(c.logprobs) - n :]]
             stop = c.stop_reason if isinstance(c.stop_reason, int) else None
+            # the first output of a request this worker ran (not one it took over mid-way)
+            first = len(c.token_ids) == n
             self._send_ctrl(
                 m.TokenOutput(
                     out.request_id,
@@ -219,6 +221,7 @@ class Worker:
                     stop,
                     out.num_cached_tokens or 0,
                     "",
+                    out.queue_time if first else None,
                 )
             )
             if out.finished and out.request_id in self.outgoing:
@@ -266,16 +269,25 @@ class Worker:
             if not msg.ok:
                 self.outgoing.pop(msg.request_id)
                 self.engine.abort_request(msg.request_id)
+                self._report(out, ok=False)
                 self._fail(msg.request_id, f"decode worker refused the KV: {msg.reason}")
         elif isinstance(msg, m.KVAck):
             self.outgoing.pop(msg.request_id)
             self.engine.release_handoff(msg.request_id)
+            self._report(out, ok=msg.ok)
             if not msg.ok:
                 self._fail(msg.request_id, f"KV handoff failed: {msg.reason}")
         elif isinstance(msg, m.KVAbort):
             self.outgoing.pop(msg.request_id)
             self.engine.abort_request(msg.request_id)
+            self._report(out, ok=False)
             self._fail(msg.request_id, f"decode worker aborted the handoff: {msg.reason}")
+
+    def _report(self, out: Outgoing, ok: bool) -> None:
+        """Tell the router how a handoff ended: bytes shipped, first chunk to its end."""
+        now = time.monotonic()
+        seconds = now - out.first_sent if out.first_sent is not None else 0.0
+        self._send_ctrl(m.KVReport(out.request_id, out.bytes_sent, seconds, ok))
 
     def _pump(self) -> None:
         """Ship complete blocks of every opened handoff; finish the ones whose prompt is done."""
@@ -320,6 +332,8 @@ class Worker:
             nbytes,
             frames_checksum(frames),
         )
+        if out.first_sent is None:
+            out.first_sent = time.monotonic()
         self._send_peer(out.endpoint, header, frames)
         out.bytes_sent += nbytes
 

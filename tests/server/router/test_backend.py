@@ -10,10 +10,13 @@ import time
 import pytest
 
 from baton import SamplingParams
+from baton.scheduler.placement import WorkerState
 from baton.server.api.backend import NoWorkerAvailable
+from baton.server.api.metrics import Metrics
 from baton.server.config import EngineConfig
 from baton.server.engine import LLMEngine
 from baton.server.router.backend import RouterConfig, ZmqBackend
+from baton.server.wire import messages as m
 from baton.server.worker.config import WorkerConfig
 from baton.server.worker.worker import Worker
 
@@ -79,7 +82,8 @@ def test_tokens_through_the_router_equal_the_offline_engine(tiny_config_dir, mod
         want.append(toks)
 
     async def main():
-        backend = ZmqBackend(RouterConfig(mode=mode), None, 512, "tiny")
+        metrics = Metrics()
+        backend = ZmqBackend(RouterConfig(mode=mode), None, 512, "tiny", metrics=metrics)
         backend.start()
         roles = ["prefill", "decode"] if mode == "disagg" else ["both"]
         workers = [
@@ -98,6 +102,19 @@ def test_tokens_through_the_router_equal_the_offline_engine(tiny_config_dir, mod
             )
             assert [g[0] for g in got] == want
             assert all(g[1] == "length" for g in got)
+            # What the workers reported: one queue time per request, one handoff per prompt
+            # carrying exactly its blocks, no failures.
+            sample = metrics.registry.get_sample_value
+            assert sample("baton:request_queue_time_seconds_count") == len(PROMPTS)
+            handoffs = sample("baton:kv_transfer_duration_seconds_count")
+            shipped = sample("baton:kv_transfer_bytes_total")
+            assert sample("baton:kv_transfer_failures_total") == 0
+            if mode == "disagg":
+                block = workers[0][0].engine.runner.kv_cache[0].nbytes
+                assert handoffs == len(PROMPTS)
+                assert shipped == block * sum(-(-len(p) // 16) for p in PROMPTS)
+            else:
+                assert handoffs == 0 and shipped == 0
             # Everything freed on every worker once the streams are done.
             await wait_for(
                 lambda: all(
@@ -137,5 +154,32 @@ def test_tokens_through_the_router_equal_the_offline_engine(tiny_config_dir, mod
             for _, t in workers:
                 t.join(timeout=10)
             await backend.stop()
+
+    asyncio.run(main())
+
+
+def test_worker_reports_feed_queue_time_and_kv_transfer_metrics():
+    async def main():
+        metrics = Metrics()
+        backend = ZmqBackend(RouterConfig(), None, 512, "tiny", metrics=metrics)
+        layout = (2, 16, 2, 16, "float32")
+        backend.pool.workers["p"] = WorkerState(
+            "p", "prefill", 1, "h", "tiny", layout, "", 512, 8, 0
+        )
+        try:
+            await backend._dispatch("p", m.KVReport("a", 4096, 0.02, True))
+            await backend._dispatch("p", m.KVReport("b", 1024, 0.5, False))
+            await backend._dispatch("p", m.TokenOutput("a", "p", [3], None, None, None, 0, "", 0.3))
+            await backend._dispatch("p", m.TokenOutput("a", "p", [4], None, None, None, 0, ""))
+            await backend._dispatch("stranger", m.KVReport("c", 1, 0.1, True))  # dropped
+        finally:
+            await backend.stop()
+        sample = metrics.registry.get_sample_value
+        assert sample("baton:kv_transfer_bytes_total") == 4096
+        assert sample("baton:kv_transfer_duration_seconds_count") == 1
+        assert sample("baton:kv_transfer_duration_seconds_sum") == pytest.approx(0.02)
+        assert sample("baton:kv_transfer_failures_total") == 1
+        assert sample("baton:request_queue_time_seconds_count") == 1
+        assert sample("baton:request_queue_time_seconds_sum") == pytest.approx(0.3)
 
     asyncio.run(main())

@@ -27,7 +27,7 @@ SAMPLES = [
     m.Generate("r", list(range(50_000)), {}, "", ""),
     m.Abort("r"),
     m.TokenOutput("r", "w", [4], [LOGPROB], None, None, 16, ""),
-    m.TokenOutput("r", "w", [], None, "stop", 2, 0, "boom"),
+    m.TokenOutput("r", "w", [], None, "stop", 2, 0, "boom", 0.5),
     m.KVOpen("r", "p", [1, 2], PARAMS, LAYOUT),
     m.KVOpenReply("r", True, ""),
     CHUNK,
@@ -35,6 +35,7 @@ SAMPLES = [
     m.KVDone("r", 2, 5, None, 0),
     m.KVAck("r", True, ""),
     m.KVAbort("r", "aborted"),
+    m.KVReport("r", 1 << 20, 0.25, True),
 ]
 PAYLOAD = [b"abcdefgh", b"ijklmnop"]
 GEN, TOK, REG, DONE, HB, ACK = (SAMPLES[i] for i in (3, 6, 0, 11, 2, 13))

@@ -100,7 +100,7 @@ def test_params_from_random_maps_only_raise_value_error(d):
 
 
 def test_every_message_has_a_unique_type_name_and_is_frozen():
-    assert len(m.MESSAGES) == 12
+    assert len(m.MESSAGES) == 13
     for name, cls in m.MESSAGES.items():
         assert name == cls.TYPE and dataclasses.is_dataclass(cls)
         assert cls.__dataclass_params__.frozen
@@ -133,6 +133,9 @@ def test_kv_chunk_knows_its_block_size():
         (lambda: m.TokenOutput("r", "w", [1], [[1, -0.1, [[2]]]], None, None, 0, ""), "logprobs"),
         (lambda: m.TokenOutput("r", "w", [1], [[1, "x", []]], None, None, 0, ""), "logprobs"),
         (lambda: m.TokenOutput("r", "w", [1], None, None, None, -1, ""), "num_cached_tokens"),
+        (lambda: m.TokenOutput("r", "w", [1], None, None, None, 0, "", -1.0), "queue_time_s"),
+        (lambda: m.KVReport("r", -1, 0.1, True), "nbytes"),
+        (lambda: m.KVReport("r", 1, -0.1, False), "seconds"),
         (lambda: m.KVChunk("r", -1, 1, BLOCK, "float32", BLOCK_BYTES, 0), "first_block"),
         (lambda: m.KVChunk("r", 0, 0, BLOCK, "float32", 0, 0), "num_blocks"),
         (lambda: m.KVChunk("r", 0, 1, BLOCK[:4], "float32", BLOCK_BYTES, 0), "block_shape"),
