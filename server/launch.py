@@ -86,6 +86,7 @@ def run_worker(args) -> int:
         engine=_engine_config(args, args.workers_on_device),
         kv_host=args.kv_host,
         kv_port=args.kv_port,
+        parent_pid=args.parent_pid,
         **kw,
     )
     worker = Worker(cfg)
@@ -117,7 +118,7 @@ def worker_command(args, role: str, router: str, index: int, num_workers: int) -
     cmd += ["--block-size", str(args.block_size), "--seed", str(args.seed)]
     cmd += ["--max-num-seqs", str(args.max_num_seqs), "--workers-on-device", str(num_workers)]
     cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
-    cmd += ["--worker-id", f"{role}-{index}-{os.getpid()}"]
+    cmd += ["--worker-id", f"{role}-{index}-{os.getpid()}", "--parent-pid", str(os.getpid())]
     for flag, value in (
         ("--device", args.device),
         ("--max-model-len", args.max_model_len),
@@ -133,6 +134,9 @@ def run_serve(args) -> int:
     from baton.server.router.server import build_backend, serve_router
 
     cfg = _serve_config(args, "tcp://127.0.0.1:0")
+    # NOTE: uvicorn re-raises the SIGTERM it caught once it has shut down; without a handler of
+    # ours that would kill this process before the `finally` below stops the workers.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     backend = build_backend(cfg)
     print(f"router: workers connect to {backend.endpoint}", flush=True)
     if args.mode == "colocated":
@@ -162,7 +166,7 @@ def run_serve(args) -> int:
 
     try:
         return asyncio.run(main())
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM through _exit_on_signal
         return 0
     finally:
         for p in procs:
@@ -173,6 +177,10 @@ def run_serve(args) -> int:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def _exit_on_signal(signum, _frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def add_subcommands(sub) -> None:
@@ -200,4 +208,5 @@ def add_subcommands(sub) -> None:
     worker.add_argument("--kv-port", type=int, default=0)
     worker.add_argument("--worker-id", default=None)
     worker.add_argument("--workers-on-device", type=int, default=1, help=argparse.SUPPRESS)
+    worker.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     worker.set_defaults(func=run_worker)

@@ -21,6 +21,9 @@ class WorkerConfig:
     kv_port: int = 0  # 0: any free port
     heartbeat_s: float = 1.0
     register_timeout_s: float = 60.0
+    # When set, the worker stops once this process is no longer its parent: the `baton serve`
+    # that started it went away, even by SIGKILL, and must not leave a worker behind.
+    parent_pid: int = 0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

@@ -135,6 +135,9 @@ class Worker:
         if now - self._last_beat >= self.config.heartbeat_s:
             self._last_beat = now
             self._beat()
+            if self.config.parent_pid and os.getppid() != self.config.parent_pid:
+                logger.error("the process that started this worker is gone; stopping")
+                self.running = False
 
     def _drain(self, sock: zmq.Socket, handler) -> None:
         while True:

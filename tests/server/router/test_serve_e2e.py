@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -74,12 +75,32 @@ class Server:
             assert time.monotonic() < deadline, ws
             time.sleep(0.3)
 
-    def stop(self) -> None:
-        self.proc.terminate()
+    def worker_pids(self) -> list[int]:
+        return [w["pid"] for w in self.workers()]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop `baton serve`; its workers must not outlive it, however it went."""
+        pids = self.worker_pids()
+        self.proc.send_signal(sig)
         try:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        deadline = time.monotonic() + 20
+        while (alive := [p for p in pids if running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for p in alive:
+            os.kill(p, signal.SIGKILL)
+        assert not alive, f"workers {alive} outlived the server"
+
+
+def running(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +237,10 @@ def test_worker_joins_a_running_server(disagg):
     finally:
         p.terminate()
         p.wait(timeout=20)
+
+
+def test_workers_stop_when_the_server_is_killed():
+    """SIGKILL leaves `baton serve` no chance to clean up: its workers notice on their own."""
+    s = Server("--mode", "colocated")
+    assert s.workers()[0]["state"] == "ready"
+    s.stop(signal.SIGKILL)
