@@ -1,4 +1,6 @@
-"""KV handoff throughput: real KVChunk messages over ZeroMQ (ipc:// and tcp://127.0.0.1) against a
+"""KV handoff: its throughput over ZeroMQ, and the time to first token it adds to a served request.
+
+Section "transfer": real KVChunk messages over ZeroMQ (ipc:// and tcp://127.0.0.1) against a
 plain in-process copy of the same bytes, in the same run.
 
 The sender is its own process, as a prefill worker is: it opens a handoff (KVOpen), and once the
@@ -7,16 +9,29 @@ The receiver decodes every chunk, verifies its checksum and writes the blocks in
 (write_blocks). The time runs on the receiver from its KVOpenReply to the last block written.
 Both caches are shaped like SmolLM2's (30 layers, block 16, 3 KV heads, head_dim 64, float32).
 
-    python benchmarks/kv_transfer.py                  # 1 MiB .. 1 GiB
-    python benchmarks/kv_transfer.py --max-mib 256 --transports tcp
+Section "ttft": `baton serve` started once per mode (colocated, then disagg with one prefill and
+one decode worker), each prompt length sent as token ids (fresh random ones per request, so no
+prefix-cache hit) through the streaming completions endpoint. The client times the first and
+the second token: the first leaves the prefill worker at once in both modes, the second is the
+decode worker's first, after the handoff.
+
+    python benchmarks/kv_transfer.py                  # 1 MiB .. 1 GiB, then TTFT 128 .. 4096
+    python benchmarks/kv_transfer.py --max-mib 256 --transports tcp --sections transfer
+    python benchmarks/kv_transfer.py --sections ttft --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import multiprocessing as mp
+import os
 import random
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -260,6 +275,116 @@ def print_table(rows: list[dict], methods: list[str]) -> None:
         print(f"{size:>9} {r['blocks']:>7}{cells}")
 
 
+# ---- time to first token through `baton serve` -------------------------------------------------
+
+
+@contextlib.contextmanager
+def served(args, mode: str):
+    """`baton serve` in `mode` on a free port; yields its base URL once it says it is listening."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "baton.server.cli", "serve", "--mode", mode, "--port", str(port)]
+    cmd += ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
+    cmd += ["--kv-cache-gib", str(args.kv_cache_gib)]
+    env = {**os.environ, "BATON_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    lines: list[str] = []
+    try:
+        while True:
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"baton serve --mode {mode} exited:\n" + "".join(lines[-30:]))
+            lines.append(line)
+            if "Baton listening" in line:
+                break
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def stream_times(client, url: str, model: str, prompt: list[int]) -> tuple[float, float]:
+    """(seconds to the first token, seconds to the second) of one streamed completion."""
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": 3,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    marks = []
+    t0 = time.perf_counter()
+    with client.stream("POST", url + "/v1/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            if json.loads(line[6:])["choices"]:
+                marks.append(time.perf_counter() - t0)
+    if len(marks) < 2:
+        raise RuntimeError(f"expected a token per event, got {len(marks)} events")
+    return marks[0], marks[1]
+
+
+def ttft_section(args) -> dict:
+    import httpx  # only this section talks HTTP
+
+    rng = random.Random(0)
+    rows = {n: {"prompt_tokens": n} for n in args.prompt_lens}
+    for mode in ("colocated", "disagg"):
+        with served(args, mode) as url, httpx.Client(timeout=600) as client:
+            model = client.get(url + "/v1/models").json()["data"][0]["id"]
+
+            def prompt(n: int) -> list[int]:
+                return [rng.randrange(1000, 30000) for _ in range(n)]
+
+            stream_times(client, url, model, prompt(64))  # warm-up, untimed
+            for n in args.prompt_lens:
+                stream_times(client, url, model, prompt(n))  # this length's first, untimed
+                got = [stream_times(client, url, model, prompt(n)) for _ in range(args.repeats)]
+                first, second = [g[0] for g in got], [g[1] for g in got]
+                rows[n][mode] = {
+                    "ttft_median_s": statistics.median(first),
+                    "second_token_median_s": statistics.median(second),
+                    "ttft_s": first,
+                    "second_token_s": second,
+                }
+                print(
+                    f"{mode:>9} {n:>5} tokens: TTFT {rows[n][mode]['ttft_median_s'] * 1e3:.1f} ms"
+                )
+    for row in rows.values():
+        c, d = row["colocated"], row["disagg"]
+        row["added_ttft_s"] = d["ttft_median_s"] - c["ttft_median_s"]
+        row["added_second_token_s"] = d["second_token_median_s"] - c["second_token_median_s"]
+    print("\nDisagg vs colocated, median of repeats, ms")
+    cols = ("TTFT coloc", "TTFT disagg", "added", "2nd coloc", "2nd disagg", "added")
+    print(f"{'prompt':>7}" + "".join(f" {c:>12}" for c in cols))
+    for r in rows.values():
+        c, d = r["colocated"], r["disagg"]
+        ms = [
+            c["ttft_median_s"],
+            d["ttft_median_s"],
+            r["added_ttft_s"],
+            c["second_token_median_s"],
+            d["second_token_median_s"],
+            r["added_second_token_s"],
+        ]
+        print(f"{r['prompt_tokens']:>7}" + "".join(f" {x * 1e3:>12.1f}" for x in ms))
+    return {
+        "model": args.model,
+        "device": args.device,
+        "dtype": args.dtype,
+        "rows": list(rows.values()),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--max-mib", type=int, default=1024, help="largest total size (MiB)")
@@ -268,18 +393,24 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed handoffs per size (median)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the receiver")
     p.add_argument("--output", default=None, help="result file (default: results/kv_transfer.json)")
+    p.add_argument("--sections", nargs="+", default=["transfer", "ttft"], choices=SECTIONS)
+    p.add_argument("--prompt-lens", nargs="+", type=int, default=[128, 512, 1024, 2048, 4096])
+    p.add_argument("--model", default="smollm2", help="ttft: the model `baton serve` loads")
+    p.add_argument("--device", default="cpu", help="ttft: the workers' device")
+    p.add_argument("--dtype", default="float32", help="ttft: the workers' dtype")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="ttft: KV cache per worker")
     args = p.parse_args()
     # NOTE: one thread by default: copies of single blocks gain nothing from more, and idle
     # OpenMP workers spinning after each copy starve ZeroMQ's I/O threads on small machines.
     torch.set_num_threads(args.threads)
 
-    # NOTE: one entry per section; a later section (e.g. time to first token through the
-    # disaggregated server) adds its own function and its own key here.
-    results = {"transfer": transfer_section(args)}
+    results = {name: SECTIONS[name](args) for name in args.sections}
 
     out = save_result("kv_transfer", {"args": vars(args), **results}, args.output)
     print(f"\nsaved {out}")
 
+
+SECTIONS = {"transfer": transfer_section, "ttft": ttft_section}
 
 if __name__ == "__main__":
     main()
