@@ -111,11 +111,17 @@ class Sampler:
     def release(self, seq_id: str) -> None:
         self._generators.pop(seq_id, None)
 
-    def _generator(self, seq: Sequence, device: torch.device) -> torch.Generator:
+    def _generator(self, seq: Sequence, row: torch.Tensor) -> torch.Generator:
+        """The seeded generator of `seq`, which draws `row`'s shape, dtype and device."""
         gen = self._generators.get(seq.seq_id)
         if gen is None:
-            gen = torch.Generator(device=device)
+            gen = torch.Generator(device=row.device)
             gen.manual_seed(seq.params.seed)
+            # NOTE: a sequence taken over with tokens already drawn (a decode worker after the
+            # KV handoff) skips the draws those tokens used, so a seed gives the same stream
+            # whether one worker or two sampled it. Each sampled token draws one row.
+            for _ in range(seq.num_output_tokens):
+                torch.empty_like(row).exponential_(generator=gen)
             self._generators[seq.seq_id] = gen
         return gen
 
@@ -234,7 +240,7 @@ class Sampler:
             q.exponential_()
         for i, s in enumerate(seqs):
             if s.params.seed is not None:
-                q[i].exponential_(generator=self._generator(s, device))
+                q[i].exponential_(generator=self._generator(s, q[i]))
         # NOTE: a zero draw would turn a masked token's 0/0 into NaN, which argmax would pick.
         q.clamp_min_(torch.finfo(q.dtype).tiny)
         return (probs / q).argmax(dim=-1)

@@ -72,6 +72,17 @@ def test_handoff_equals_colocated(tiny_config_dir, budget):
         assert hand_over(p, d, f"r{i}", prompt, GREEDY) == want
 
 
+def test_seeded_sampling_continues_the_same_stream_after_the_handoff(tiny_config_dir):
+    both, p, d = engine(tiny_config_dir), engine(tiny_config_dir), engine(tiny_config_dir)
+    streams = set()
+    for seed in (1, 2, 3):
+        params = SamplingParams(max_tokens=12, temperature=1.5, seed=seed, ignore_eos=True)
+        want = run_alone(both, f"s{seed}", PROMPTS[3], params)
+        assert hand_over(p, d, f"s{seed}", PROMPTS[3], params) == want
+        streams.add(tuple(want))
+    assert len(streams) == 3  # sampled, not greedy: each seed its own stream
+
+
 def test_first_token_that_ends_the_request_is_not_handed_off(tiny_config_dir):
     p = engine(tiny_config_dir)
     p.add_request("a", PROMPTS[1], SamplingParams(max_tokens=1, temperature=0), handoff=True)
