@@ -9,6 +9,7 @@ import torch
 from baton.scheduler.batch import ScheduledBatch
 from baton.server.attention import ForwardContext, get_attention_backend
 from baton.server.attention.metadata import build_attention_metadata
+from baton.server.cuda_graph import DecodeGraphs, capture_sizes
 from baton.server.kv_cache import allocate_kv_cache
 from baton.server.sampler import Sampler, SampleResult
 
@@ -29,15 +30,32 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         attention_backend: str | None,
+        max_model_len: int = 0,
+        max_num_seqs: int = 1,
+        cuda_graphs: bool = False,
     ) -> None:
         self.model = model
         self.device = device
         self.block_size = block_size
         self.backend = get_attention_backend(attention_backend, device.type)
+        # The Triton backend brings the fused norm, rotary and SiLU kernels with it.
+        self.fused_ops = self.backend.name == "triton"
         self.kv_cache = allocate_kv_cache(
             num_blocks, num_layers, block_size, num_kv_heads, head_dim, dtype, device
         )
         self.sampler = Sampler()
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and device.type == "cuda" and self.fused_ops:
+            self.graphs = DecodeGraphs(
+                model,
+                self.backend,
+                self.kv_cache,
+                block_size,
+                max_model_len,
+                capture_sizes(max_num_seqs),
+                self.fused_ops,
+            )
+            self.graphs.capture()
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> dict[str, SampleResult]:
@@ -62,10 +80,13 @@ class ModelRunner:
             return {}
         meta = build_attention_metadata(query_lens, seq_lens, tables, self.block_size, self.device)
         self.backend.prepare(meta)
-        ctx = ForwardContext(backend=self.backend, meta=meta, kv_cache=self.kv_cache)
+        ctx = ForwardContext(self.backend, meta, self.kv_cache, fused_ops=self.fused_ops)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, pos, ctx)
+        if self.graphs is not None and self.graphs.can_run(meta):
+            hidden = self.graphs.run(ids, pos, meta)
+        else:
+            hidden = self.model(ids, pos, ctx)
         if not sample_seqs:
             return {}
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)

@@ -20,15 +20,15 @@ def get_attention_backend(name: str | None, device_type: str) -> AttentionBacken
 
         return TorchAttentionBackend()
     if name == "triton":
-        try:
-            from baton.server.attention.triton_backend import TritonAttentionBackend
-        except ImportError as e:
-            if device_type == "cuda":
-                # NOTE: until the Triton kernels land, CUDA falls back to the reference backend.
-                from baton.server.attention.torch_backend import TorchAttentionBackend
+        from baton.kernels.utils import interpreting
 
-                return TorchAttentionBackend()
-            raise ValueError(f"attention_backend: 'triton' is not available ({e})") from e
+        if device_type != "cuda" and not interpreting():
+            raise ValueError(
+                "attention_backend: 'triton' needs a CUDA device, or TRITON_INTERPRET=1 set "
+                "before start-up to run its kernels in the (slow) interpreter"
+            )
+        from baton.server.attention.triton_backend import TritonAttentionBackend
+
         return TritonAttentionBackend()
     raise ValueError(f"attention_backend: unknown backend {name!r}; choose one of {BACKENDS}")
 

@@ -71,6 +71,8 @@ class ForwardContext:
     backend: AttentionBackend
     meta: AttentionMetadata
     kv_cache: torch.Tensor  # [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim]
+    # Norms, rotary and SiLU-and-mul through the Triton kernels (with the triton backend).
+    fused_ops: bool = False
 
     def layer_cache(self, layer: int) -> torch.Tensor:
         return self.kv_cache[:, layer]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+Rope = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class RMSNorm(nn.Module):
@@ -22,8 +25,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, fused: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if fused:  # the Triton kernels: one pass over x (and the residual)
+            from baton.kernels import rmsnorm
+
+            if residual is None:
+                return rmsnorm.rms_norm(x, self.weight, self.eps)
+            return rmsnorm.fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is not None:
             x = x + residual
             residual = x
@@ -36,7 +45,11 @@ class RMSNorm(nn.Module):
 class SiluAndMul(nn.Module):
     """silu(gate) * up. NOTE: gate and up come apart, as HF names keep them two projections."""
 
-    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def forward(self, gate: torch.Tensor, up: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused:
+            from baton.kernels.silu_mul import silu_and_mul
+
+            return silu_and_mul(gate, up)
         return F.silu(gate) * up
 
 
@@ -93,6 +106,16 @@ class RotaryEmbedding(nn.Module):
         cos = self.cos_cache[positions].repeat(1, 2).to(dtype)
         sin = self.sin_cache[positions].repeat(1, 2).to(dtype)
         return cos[:, None, :], sin[:, None, :]
+
+    def bind(self, positions: torch.Tensor, dtype: torch.dtype, fused: bool = False) -> Rope:
+        """The rotation of one step, `(q, k) -> (q, k)`, with its per-position work done once."""
+        if fused:
+            from baton.kernels.rotary import apply_rotary as rotary_kernel
+
+            cos_cache, sin_cache = self.cos_cache, self.sin_cache
+            return lambda q, k: rotary_kernel(q, k, positions, cos_cache, sin_cache)
+        cos, sin = self(positions, dtype)
+        return lambda q, k: apply_rotary(q, k, cos, sin)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from torch import nn
 
 from baton.server.attention.base import ForwardContext
 from baton.server.model_config import ModelConfig
-from baton.server.models.layers import RMSNorm, RotaryEmbedding, SiluAndMul, apply_rotary
+from baton.server.models.layers import RMSNorm, Rope, RotaryEmbedding, SiluAndMul
 
 
 class LlamaAttention(nn.Module):
@@ -26,15 +26,13 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * d, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * d, config.hidden_size, bias=False)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: ForwardContext
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, ctx: ForwardContext) -> torch.Tensor:
         # x: [T, hidden]
         t = x.shape[0]
         q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, cos, sin)
+        q, k = rope(q, k)
         cache = ctx.layer_cache(self.layer_idx)
         o = ctx.backend.forward(q, k, v, cache, ctx.meta, self.scale)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
@@ -48,8 +46,8 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x), self.up_proj(x), fused))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -64,17 +62,17 @@ class LlamaDecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         residual: torch.Tensor | None,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rope: Rope,
         ctx: ForwardContext,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        fused = ctx.fused_ops
         if residual is None:
-            x, residual = self.input_layernorm(x), x
+            x, residual = self.input_layernorm(x, fused=fused), x
         else:
-            x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(x, cos, sin, ctx)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+            x, residual = self.input_layernorm(x, residual, fused)
+        x = self.self_attn(x, rope, ctx)
+        x, residual = self.post_attention_layernorm(x, residual, fused)
+        return self.mlp(x, fused), residual
 
 
 class LlamaModel(nn.Module):
@@ -96,11 +94,11 @@ class LlamaModel(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(positions, x.dtype)
+        rope = self.rotary_emb.bind(positions, x.dtype, ctx.fused_ops)
         residual = None
         for layer in self.layers:
-            x, residual = layer(x, residual, cos, sin, ctx)
-        x, _ = self.norm(x, residual)
+            x, residual = layer(x, residual, rope, ctx)
+        x, _ = self.norm(x, residual, ctx.fused_ops)
         return x
 
 
