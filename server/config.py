@@ -28,6 +28,8 @@ class EngineConfig:
     device: str | None = None  # None: cuda when available, else cpu
     seed: int = 0
     attention_backend: str | None = None  # None: the device's default
+    # CUDA with the triton backend: replay decode steps from CUDA graphs (False: always eager).
+    cuda_graphs: bool = True
     block_size: int = 16
     kv_cache_gib: float = 1.0  # CPU budget for the KV cache
     gpu_memory_utilization: float = 0.85  # CUDA: fraction of the device the process may fill

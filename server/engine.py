@@ -120,6 +120,9 @@ class LLMEngine:
             self.dtype,
             self.device,
             config.attention_backend,
+            max_model_len=self.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            cuda_graphs=config.cuda_graphs,
         )
         self.eos_token_id = self._eos_token_id()
         self._requests: dict[str, _Request] = {}

@@ -29,6 +29,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="auto: triton on CUDA, torch on CPU",
+    )
+    p.add_argument(
+        "--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode steps"
+    )
 
 
 def add_router_args(p: argparse.ArgumentParser) -> None:
@@ -48,6 +57,8 @@ def _engine_config(args, num_on_device: int = 1):
         dtype=args.dtype,
         device=args.device,
         seed=args.seed,
+        attention_backend=None if args.attention_backend == "auto" else args.attention_backend,
+        cuda_graphs=not args.enforce_eager,
         block_size=args.block_size,
         kv_cache_gib=args.kv_cache_gib,
         gpu_memory_utilization=util,
@@ -116,6 +127,8 @@ def worker_command(args, role: str, router: str, index: int, num_workers: int) -
     cmd += ["--router", router, "--model", args.model, "--load-format", args.load_format]
     cmd += ["--dtype", args.dtype, "--kv-cache-gib", str(args.kv_cache_gib)]
     cmd += ["--block-size", str(args.block_size), "--seed", str(args.seed)]
+    cmd += ["--attention-backend", args.attention_backend]
+    cmd += ["--enforce-eager"] if args.enforce_eager else []
     cmd += ["--max-num-seqs", str(args.max_num_seqs), "--workers-on-device", str(num_workers)]
     cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     cmd += ["--worker-id", f"{role}-{index}-{os.getpid()}", "--parent-pid", str(os.getpid())]
