@@ -35,6 +35,20 @@ def machine_info() -> dict:
         "transformers": transformers.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+    if info["gpu"] is not None:
+        try:
+            info["driver"] = (
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                .stdout.split("\n")[0]
+                .strip()
+            )
+        except (OSError, subprocess.CalledProcessError):
+            info["driver"] = None
     try:
         import triton
 
