@@ -4,7 +4,7 @@ Section "transfer": real KVChunk messages over ZeroMQ (ipc:// and tcp://127.0.0.
 plain in-process copy of the same bytes, in the same run.
 
 The sender is its own process, as a prefill worker is: it opens a handoff (KVOpen), and once the
-receiver answers ships the blocks in chunks (block_frames + crc32, sent zero-copy), then KVDone.
+receiver answers ships the blocks in chunks (block_frames + XXH3, sent zero-copy), then KVDone.
 The receiver decodes every chunk, verifies its checksum and writes the blocks into its own cache
 (write_blocks). The time runs on the receiver from its KVOpenReply to the last block written.
 Both caches are shaped like SmolLM2's (30 layers, block 16, 3 KV heads, head_dim 64, float32).
@@ -231,7 +231,7 @@ def check_arrived(src, ids: list[int], dst_cache, dst: list[int], transport: str
 
 
 def frames_in_process(src, dst_cache, n: int, total: int, chunk_blocks: int) -> None:
-    """Everything a handoff does but the socket: frames, crc32 both ends, codec, write_blocks."""
+    """Everything a handoff does but the socket: frames, checksum both ends, codec, write_blocks."""
     ids, dst = block_ids(n, total, seed=n), block_ids(n, total, seed=n + 1)
     for s in range(0, n, chunk_blocks):
         frames = block_frames(src, ids[s : s + chunk_blocks])

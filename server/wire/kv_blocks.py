@@ -7,9 +7,9 @@ Torch only, no zmq. The cache is [num_blocks, num_layers, 2, block_size, num_kv_
 from __future__ import annotations
 
 import operator
-import zlib
 
 import torch
+import xxhash
 
 from baton.server.wire.messages import DTYPE_SIZES, KVLayout
 
@@ -43,11 +43,15 @@ def block_frames(kv_cache: torch.Tensor, block_ids: list[int]) -> list[memoryvie
 
 
 def frames_checksum(frames) -> int:
-    """crc32 chained over the frames in order (bytes, memoryviews or zmq.Frame)."""
-    crc = 0
+    """64-bit XXH3 of the frames' bytes in order (bytes, memoryviews or zmq.Frame).
+
+    NOTE: XXH3 hashes at memory speed (~20 GB/s); crc32 held the handoff to ~1.7 GB/s, since
+    both ends hash every byte. It guards against corruption and mix-ups, not against an attacker.
+    """
+    h = xxhash.xxh3_64()
     for f in frames:
-        crc = zlib.crc32(getattr(f, "buffer", f), crc)
-    return crc
+        h.update(getattr(f, "buffer", f))
+    return h.intdigest()
 
 
 def write_blocks(

@@ -186,7 +186,7 @@ class KVChunk:
     block_shape: list[int]
     dtype: str
     nbytes: int
-    checksum: int  # frames_checksum of the payload: crc32 chained over the frames
+    checksum: int  # frames_checksum of the payload: XXH3-64 over the frames in order
 
     def __post_init__(self) -> None:
         _non_negative(self, "first_block")
@@ -201,7 +201,7 @@ class KVChunk:
             self.nbytes == self.num_blocks * self.block_nbytes,
             f"nbytes={self.nbytes} is not {self.num_blocks} blocks of {self.block_nbytes} bytes",
         )
-        _require(0 <= self.checksum < 1 << 32, f"checksum {self.checksum} is not a crc32")
+        _require(0 <= self.checksum < 1 << 64, f"checksum {self.checksum} is not a 64-bit hash")
 
     @property
     def block_nbytes(self) -> int:

@@ -142,7 +142,7 @@ def test_kv_chunk_knows_its_block_size():
         (lambda: m.KVChunk("r", 0, 1, [30, 3, 16, 3, 64], "float32", 1, 0), "block_shape"),
         (lambda: m.KVChunk("r", 0, 1, BLOCK, "int8", BLOCK_BYTES, 0), "dtype"),
         (lambda: m.KVChunk("r", 0, 1, BLOCK, "float32", BLOCK_BYTES - 1, 0), "nbytes"),
-        (lambda: m.KVChunk("r", 0, 1, BLOCK, "float32", BLOCK_BYTES, 1 << 32), "checksum"),
+        (lambda: m.KVChunk("r", 0, 1, BLOCK, "float32", BLOCK_BYTES, 1 << 64), "checksum"),
         (lambda: m.KVDone("r", 1, 5, [5, -0.1], 0), "first_logprobs"),
         (lambda: m.KVDone("r", 1, -5, None, 0), "first_token"),
     ],
