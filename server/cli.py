@@ -44,10 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     from baton.server.launch import add_subcommands
 
     add_subcommands(sub)
+    # NOTE: `baton bench ...` is handed to its own parser in main (it has a `sweep` mode);
+    # this entry only lists it in `baton --help`.
+    sub.add_parser("bench", help="serving benchmark against any OpenAI-compatible server")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from baton.bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=os.environ.get("BATON_LOG_LEVEL", "INFO"),

@@ -1,0 +1,1 @@
+"""`baton bench`: a serving benchmark for any OpenAI-compatible endpoint."""
