@@ -109,6 +109,8 @@ class ZmqBackend:
         if isinstance(msg, m.Register):
             await self._on_register(ident, msg)
             return
+        if isinstance(msg, m.Heartbeat) and ident == f"{msg.worker_id}/beat":
+            ident = msg.worker_id  # a worker's heartbeat thread has its own socket
         w = self.pool.workers.get(ident)
         if w is None:
             logger.warning("dropped a %s from unregistered %r", type(msg).__name__, ident)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 
 import zmq
@@ -64,6 +65,7 @@ class Worker:
         self.incoming: dict[str, Incoming] = {}
         self.running = True
         self._last_beat = 0.0
+        self._stop_beats = threading.Event()
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -99,12 +101,33 @@ class Worker:
         raise RuntimeError(f"no answer from the router at {self.config.router}")
 
     def run(self) -> None:
+        beats = threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True)
         try:
             self.register()
+            beats.start()
             while self.running:
                 self.run_once()
         finally:
+            self.running = False
+            self._stop_beats.set()
+            if beats.is_alive():
+                beats.join(timeout=5)
             self.close()
+
+    def _beat_loop(self) -> None:
+        """Heartbeats from their own thread and socket, so one long engine step (a big prefill
+        chunk on a CPU) never looks like a dead worker. The router knows the socket by the
+        `/beat` suffix of this worker's id."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, f"{self.id}/beat".encode())
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.config.router)
+        try:
+            while not self._stop_beats.is_set():
+                sock.send_multipart(codec.encode(self._heartbeat()), copy=False)
+                self._stop_beats.wait(self.config.heartbeat_s)
+        finally:
+            sock.close(0)
 
     def close(self) -> None:
         for sock in [self.ctrl, self.kv, *self.peers.values()]:
@@ -134,7 +157,6 @@ class Worker:
         now = time.monotonic()
         if now - self._last_beat >= self.config.heartbeat_s:
             self._last_beat = now
-            self._beat()
             if self.config.parent_pid and os.getppid() != self.config.parent_pid:
                 logger.error("the process that started this worker is gone; stopping")
                 self.running = False
@@ -231,19 +253,19 @@ class Worker:
                 ended = self.outgoing.pop(out.request_id)  # the first token ended it
                 self._send_peer(ended.endpoint, m.KVAbort(out.request_id, "finished"))
 
-    def _beat(self) -> None:
+    def _heartbeat(self) -> m.Heartbeat:
+        # NOTE: read from the heartbeat thread while the loop runs: plain counters, a snapshot
+        # that may be a step old, which is all a load estimate needs.
         b = self.engine.batcher
         bm = b.block_manager
-        self._send_ctrl(
-            m.Heartbeat(
-                self.id,
-                b.num_running + len(self.outgoing),
-                b.num_waiting + len(self.incoming),
-                float(bm.usage),
-                bm.num_free_blocks,
-                bm.prefix_queries,
-                bm.prefix_hits,
-            )
+        return m.Heartbeat(
+            self.id,
+            b.num_running + len(self.outgoing),
+            b.num_waiting + len(self.incoming),
+            float(bm.usage),
+            bm.num_free_blocks,
+            bm.prefix_queries,
+            bm.prefix_hits,
         )
 
     # ---- KV plane, prefill side -----------------------------------------------------------

@@ -183,3 +183,33 @@ def test_worker_reports_feed_queue_time_and_kv_transfer_metrics():
         assert sample("baton:request_queue_time_seconds_sum") == pytest.approx(0.3)
 
     asyncio.run(main())
+
+
+def test_a_step_longer_than_the_heartbeat_timeout_does_not_kill_the_worker(tiny_config_dir):
+    """Heartbeats come from their own thread: a 2.5 s step under a 1 s timeout stays alive."""
+
+    async def main():
+        backend = ZmqBackend(
+            RouterConfig(mode="colocated", heartbeat_timeout_s=1.0), None, 512, "tiny"
+        )
+        backend.start()
+        w, t = start_worker(backend.endpoint, tiny_config_dir, "both", "slow")
+        step = w.engine.step
+
+        def slow_step():
+            time.sleep(2.5)  # releases the GIL, as a long torch op does
+            return step()
+
+        w.engine.step = slow_step
+        try:
+            await wait_for(lambda: backend.health()[0])
+            params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+            tokens, finish = await collect(backend, "r", PROMPTS[0], params)
+            assert len(tokens) == 2 and finish == "length"
+            assert backend.pool.workers["slow"].state == "ready"
+        finally:
+            w.running = False
+            t.join(timeout=10)
+            await backend.stop()
+
+    asyncio.run(main())
