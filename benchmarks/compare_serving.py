@@ -16,11 +16,13 @@ import asyncio
 import time
 
 import torch
-from common import RESULTS_DIR, save_result
+from common import save_result
 from kv_transfer import served
+from offline_throughput import hf_generate
 
 from baton.bench import datasets
 from baton.bench.metrics import compute_metrics
+from baton.bench.plots import pyplot
 from baton.bench.runner import LoadConfig, run_load
 
 
@@ -55,13 +57,13 @@ def hf_rows(args) -> list[dict]:
     for c in args.concurrency:
         n = max(args.min_prompts, args.prompts_per_slot * c)
         reqs = datasets.random_requests(n + 1, args.input_len, args.output_len, 0.0, False, c)
-        generate(model, [reqs[0].prompt], args.output_len, pad)  # warm-up
+        hf_generate(model, [reqs[0].prompt], args.output_len, pad)  # warm-up
         reqs = reqs[1:]
         latencies = []
         start = time.perf_counter()
         for b in range(0, n, c):
             t0 = time.perf_counter()
-            generate(model, [r.prompt for r in reqs[b : b + c]], args.output_len, pad)
+            hf_generate(model, [r.prompt for r in reqs[b : b + c]], args.output_len, pad)
             latencies += [time.perf_counter() - t0] * len(reqs[b : b + c])
         duration = time.perf_counter() - start
         m = {
@@ -75,21 +77,6 @@ def hf_rows(args) -> list[dict]:
         rows.append(summary_row("transformers", c, m))
         print_row(rows[-1])
     return rows
-
-
-def generate(model, prompts: list[list[int]], n: int, pad: int) -> None:
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
-    mask = (ids != pad).long() if len(prompts) > 1 else torch.ones_like(ids)
-    with torch.inference_mode():
-        model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            pad_token_id=pad,
-        )
 
 
 def summary_row(system: str, c: int, m: dict) -> dict:
@@ -110,9 +97,7 @@ def print_row(r: dict) -> None:
 def plot(rows: list[dict], path) -> None:
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for system, style in (("disagg", "o-"), ("colocated", "s-"), ("transformers", "^--")):
         pts = [(r["concurrency"], r["output_throughput"]) for r in rows if r["system"] == system]
@@ -143,7 +128,7 @@ def main() -> None:
     rows = baton_rows(args, "disagg") + baton_rows(args, "colocated") + hf_rows(args)
     name = f"compare_serving_{args.device}"
     out = save_result(name, {"args": vars(args), "rows": rows}, args.output)
-    png = RESULTS_DIR / f"{name}.png"
+    png = out.with_suffix(".png")
     plot(rows, png)
     print(f"saved {out} and {png}")
 

@@ -51,25 +51,30 @@ def run_baton(llm, prompts, lens) -> tuple[float, int]:
     return dt, produced
 
 
+def hf_generate(model, prompts: list[list[int]], n: int, pad_id: int) -> None:
+    """One static batch through transformers `generate`: left-padded, exactly `n` new tokens."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])  # left padding
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
+    assert out.shape[1] == width + n
+
+
 def run_hf(model, prompts, lens, batch_size: int, pad_id: int) -> tuple[float, int]:
     produced = 0
     t0 = time.perf_counter()
     for b in range(0, len(prompts), batch_size):
         chunk, chunk_lens = prompts[b : b + batch_size], lens[b : b + batch_size]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk])  # left padding
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        n = max(chunk_lens)  # static batching: the batch runs until its longest request is done
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                pad_token_id=pad_id,
-            )
-        assert out.shape[1] == width + n
+        # static batching: the batch runs until its longest request is done
+        hf_generate(model, chunk, max(chunk_lens), pad_id)
         produced += sum(chunk_lens)  # only the tokens each request asked for are useful
     return time.perf_counter() - t0, produced
 

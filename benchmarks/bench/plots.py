@@ -8,17 +8,18 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot drawing to files only (no display)."""
     import matplotlib
 
-    matplotlib.use("Agg")  # files only, no display
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
 
 
 def plot_sweep(runs: list[dict], axis: str, out_dir: Path) -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     xs = [r["sweep_value"] for r in runs]
     label = axis.replace("_", " ")

@@ -130,11 +130,9 @@ class ZmqBackend:
             if stream is not None:
                 stream.queue.put_nowait(msg)
         elif isinstance(msg, m.KVReport):
-            if self.metrics is None:
-                pass
-            elif msg.ok:
+            if self.metrics is not None and msg.ok:
                 self.metrics.observe_kv_transfer(msg.nbytes, msg.seconds)
-            else:
+            elif self.metrics is not None:
                 self.metrics.observe_kv_transfer_failure()
         else:
             logger.warning("dropped an unexpected %s from %s", type(msg).__name__, ident)

@@ -64,7 +64,7 @@ class Worker:
         self.outgoing: dict[str, Outgoing] = {}
         self.incoming: dict[str, Incoming] = {}
         self.running = True
-        self._last_beat = 0.0
+        self._last_parent_check = 0.0
         self._stop_beats = threading.Event()
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -155,8 +155,8 @@ class Worker:
                     self.engine.release_handoff(h.request_id)
         self._pump()
         now = time.monotonic()
-        if now - self._last_beat >= self.config.heartbeat_s:
-            self._last_beat = now
+        if now - self._last_parent_check >= self.config.heartbeat_s:
+            self._last_parent_check = now
             if self.config.parent_pid and os.getppid() != self.config.parent_pid:
                 logger.error("the process that started this worker is gone; stopping")
                 self.running = False
