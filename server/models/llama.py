@@ -9,7 +9,7 @@ from torch import nn
 
 from baton.server.attention.base import ForwardContext
 from baton.server.model_config import ModelConfig
-from baton.server.models.layers import RMSNorm, Rope, RotaryEmbedding, SiluAndMul
+from baton.server.models.layers import Linear, RMSNorm, Rope, RotaryEmbedding, SiluAndMul
 
 
 class LlamaAttention(nn.Module):
@@ -21,10 +21,10 @@ class LlamaAttention(nn.Module):
         self.head_dim = d = config.head_dim
         self.scale = d**-0.5
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * d, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * d, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * d, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * d, config.hidden_size, bias=False)
+        self.q_proj = Linear(config.hidden_size, self.num_heads * d, bias=bias)
+        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * d, bias=bias)
+        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * d, bias=bias)
+        self.o_proj = Linear(self.num_heads * d, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, rope: Rope, ctx: ForwardContext) -> torch.Tensor:
         # x: [T, hidden]
@@ -41,9 +41,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
@@ -107,7 +107,7 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
