@@ -57,17 +57,19 @@ def machine_info() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    info["git_commit"] = _git("rev-parse", "HEAD")
+    changes = _git("status", "--porcelain", "--untracked-files=no")
+    info["git_dirty"] = None if changes is None else bool(changes)  # tracked files edited
+    return info
+
+
+def _git(*args: str) -> str | None:
     try:
-        info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        info["git_commit"] = None
-    return info
+        return None
 
 
 def command_line() -> str:
