@@ -174,9 +174,15 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         handoff: bool = False,
+        prior_output_ids: list[int] | None = None,
     ) -> None:
         """Queue a request. With `handoff`, it stops after its first token and keeps its prompt's
-        KV blocks for `take_handoffs` (the prefill role of a disaggregated server)."""
+        KV blocks for `take_handoffs` (the prefill role of a disaggregated server).
+
+        `prior_output_ids` resumes a request another worker was generating: those tokens count as
+        already generated (max_tokens, min_tokens, penalties, the seed's draws), their KV is
+        recomputed with the prompt's, and only the tokens after them are returned.
+        """
         if request_id in self._requests or request_id in self._handoff_seqs:
             raise ValueError(f"request_id: {request_id!r} is already running")
         token_ids = self.tokenize(prompt)
@@ -187,6 +193,7 @@ class LLMEngine:
         if params.stop and not self.config.detokenize:
             raise ValueError("stop: stop strings need an engine that detokenizes")
         params = self._bound_params(params, len(token_ids))
+        prior = self._check_prior(prior_output_ids or [], params, handoff)
         seqs, detoks = [], []
         for i in range(params.n):
             child = params
@@ -199,10 +206,11 @@ class LLMEngine:
                     prompt_token_ids=list(token_ids),
                     params=child,
                     eos_token_id=self.eos_token_id,
+                    output_token_ids=list(prior),
                 )
             )
             detoks.append(
-                IncrementalDetokenizer(self.tokenizer, token_ids, child)
+                IncrementalDetokenizer(self.tokenizer, token_ids + prior, child)
                 if self.tokenizer is not None and self.config.detokenize
                 else None
             )
@@ -220,6 +228,18 @@ class LLMEngine:
         self._requests[request_id] = req
         for i, seq in enumerate(seqs):
             self._seq_owner[seq.seq_id] = (req, i)
+
+    def _check_prior(self, prior: list[int], params: SamplingParams, handoff: bool) -> list[int]:
+        if not prior:
+            return []
+        if handoff or params.n != 1:
+            raise ValueError("prior_output_ids: only a single colocated sequence can resume")
+        if len(prior) >= params.max_tokens:
+            raise ValueError(
+                f"prior_output_ids: {len(prior)} tokens already reach max_tokens "
+                f"({params.max_tokens})"
+            )
+        return self.tokenize(list(prior))
 
     def _bound_params(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
         limit = self.max_model_len
@@ -253,6 +273,13 @@ class LLMEngine:
             if not out.finished:
                 out.finish_reason = "abort"
         return self._snapshot(req)
+
+    def abort_all(self) -> list[str]:
+        """Abort every request, handed-off prompt and reservation; returns their ids."""
+        ids = [*self._requests, *self._handoff_seqs, *self.batcher.reserved]
+        for rid in ids:
+            self.abort_request(rid)
+        return ids
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests)

@@ -155,3 +155,48 @@ def test_abort_frees_blocks(tiny_config_dir):
     assert eng.abort_request("a") is None
     eng.abort_request("b")
     assert_clean(llm)
+
+
+def _run(eng, rid):
+    tokens = []
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            if out.request_id == rid:
+                tokens += out.outputs[0].token_ids_delta
+    return tokens
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        GREEDY,
+        SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=7, ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0, repetition_penalty=1.5, ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0, presence_penalty=1.0, min_tokens=12),
+    ],
+    ids=["greedy", "seeded", "repetition", "presence-min-tokens"],
+)
+def test_resuming_with_prior_output_gives_the_rest_of_the_same_stream(tiny_config_dir, params):
+    # What failover does: another worker recomputes prompt + the tokens already streamed, and
+    # must go on exactly as the first one would have (penalties and seeded draws included).
+    (prompt,) = prompts(1, seed=3)
+    eng = make(tiny_config_dir).engine
+    eng.add_request("whole", prompt, params)
+    whole = _run(eng, "whole")
+    assert len(whole) == 12
+    for k in (1, 5, 11):
+        eng.add_request(f"resumed-{k}", prompt, params, prior_output_ids=whole[:k])
+        assert _run(eng, f"resumed-{k}") == whole[k:]
+    assert eng.batcher.block_manager.num_used_blocks == 0
+    assert eng.kv_usage == 0.0
+
+
+def test_prior_output_is_refused_where_it_cannot_resume(tiny_config_dir):
+    eng = make(tiny_config_dir).engine
+    with pytest.raises(ValueError, match="max_tokens"):
+        eng.add_request("a", [5, 6], GREEDY, prior_output_ids=[1] * 12)
+    with pytest.raises(ValueError, match="single colocated"):
+        eng.add_request("b", [5, 6], GREEDY, handoff=True, prior_output_ids=[1])
+    with pytest.raises(ValueError, match="token id"):
+        eng.add_request("c", [5, 6], GREEDY, prior_output_ids=[-3])
+    assert not eng.has_unfinished_requests() and eng.kv_usage == 0.0
