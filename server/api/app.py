@@ -5,16 +5,46 @@ from __future__ import annotations
 import hmac
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import baton
 from baton.server.api import protocol as p
 from baton.server.api.backend import Backend
+from baton.server.api.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from baton.server.api.errors import APIError, error_response, install_error_handlers
 from baton.server.api.metrics import Metrics
 from baton.server.api.serving import Serving
+
+# NOTE: declared so the OpenAPI schema tells the truth: errors are OpenAI-shaped 4xx (never
+# FastAPI's 422), and generation answers JSON or, with stream=true, server-sent events.
+_ERRORS: dict = {
+    "4XX": {"model": p.ErrorResponse, "description": "The request is invalid (param says where)"},
+    "5XX": {"model": p.ErrorResponse, "description": "Internal error, or no worker is ready (503)"},
+}
+
+
+_JSON: dict = {"application/json": {}}
+
+
+# One server-sent event, as parsed from the stream (OpenAPI 3.0/3.1 put the per-event schema in
+# `schema`): `data` is a JSON chunk, an error object, or "[DONE]".
+_SSE_EVENT: dict = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string", "contentMediaType": "application/json"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer", "minimum": 0},
+    },
+}
+
+
+def _generation(body: type) -> dict:
+    sse = {"text/event-stream": {"schema": _SSE_EVENT}}
+    return {200: {"model": body, "content": sse}, **_ERRORS}
 
 
 class BearerAuth:
@@ -40,34 +70,37 @@ def build_app(
     served_model_name: str,
     api_key: str | None = None,
     metrics: Metrics | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """Routes over `backend`. It needs: model_name, max_model_len, tokenizer, generate, abort,
-    health, workers (see baton.server.api.backend)."""
+    health, workers (see baton.server.api.backend). A request body over `max_body_bytes` is
+    answered 413 before it is parsed."""
     metrics = metrics if metrics is not None else Metrics()
     metrics.watch_workers(backend.workers)
     serving = Serving(backend, served_model_name, metrics)
     app = FastAPI(title="Baton", version=baton.__version__)
     app.state.metrics, app.state.serving = metrics, serving
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_generation(p.CompletionResponse))
     async def completions(req: p.CompletionRequest, request: Request) -> Response:
         return await serving.completions(req, request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_generation(p.ChatCompletionResponse))
     async def chat_completions(req: p.ChatCompletionRequest, request: Request) -> Response:
         return await serving.chat(req, request)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_ERRORS)
     async def models() -> p.ModelList:
         card = p.ModelCard(
             id=served_model_name, root=backend.model_name, max_model_len=backend.max_model_len
         )
         return p.ModelList(data=[card])
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "Not ready", "content": _JSON}})
     async def health() -> JSONResponse:
         ok, reason = backend.health()
         status = "ok" if ok else "unavailable"
@@ -77,7 +110,7 @@ def build_app(
     async def version() -> dict:
         return {"version": baton.__version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

@@ -43,3 +43,16 @@ class Backend(Protocol):
     def health(self) -> tuple[bool, str]: ...
 
     def workers(self) -> list[dict]: ...
+
+
+class Overloaded(Exception):
+    """Every queue is full: the HTTP layer answers 429 with Retry-After, at once."""
+
+
+class RequestFailed(Exception):
+    """The request was placed but could not be finished (no worker left to resume it, its
+    deadline passed): `status` is the HTTP status it maps to (503, 504, 500)."""
+
+    def __init__(self, message: str, status: int = 500) -> None:
+        super().__init__(message)
+        self.status = status

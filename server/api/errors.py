@@ -15,17 +15,20 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from baton.server.api.backend import NoWorkerAvailable
+from baton.server.api.backend import NoWorkerAvailable, Overloaded, RequestFailed
 
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
+MAX_MESSAGE_CHARS = 500  # a message may quote the input: never echo a giant value back
 _TYPES = {
     400: "invalid_request_error",
     401: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    429: "rate_limit_error",
     503: "service_unavailable_error",
+    504: "timeout_error",
 }
 
 
@@ -59,6 +62,8 @@ def error_response(err: APIError) -> JSONResponse:
 def invalid_field(e: ValueError) -> APIError:
     """A 400 from a ValueError whose message starts with the field it is about ("field: why")."""
     msg = str(e)
+    if len(msg) > MAX_MESSAGE_CHARS:
+        msg = msg[:MAX_MESSAGE_CHARS] + " ..."
     head = msg.split(":", 1)[0]
     return APIError(400, msg, param=head if re.fullmatch(r"[a-z_]+", head) else None)
 
@@ -73,6 +78,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"malformed JSON body: {why}".rstrip(": "))
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if not loc:
+        if isinstance(first.get("input"), bytes):  # not parsed: no JSON content type
+            return APIError(400, "the request body must be a JSON object sent as application/json")
         return APIError(400, "the request body must be a JSON object")
     # NOTE: a union field fails once per member; name the field once with each reason.
     same = [e for e in errors if [str(p) for p in e.get("loc", ()) if p != "body"][:1] == loc[:1]]
@@ -80,6 +87,35 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         why = "; ".join(dict.fromkeys(e.get("msg", "invalid value") for e in same))
         return APIError(400, f"{loc[0]}: {why}", param=loc[0])
     return APIError(400, f"{'.'.join(loc)}: {first.get('msg', 'invalid value')}", param=loc[0])
+
+
+def _http_error(exc: HTTPException) -> APIError:
+    # NOTE: FastAPI answers any failure to parse the body with a bare 400 raised from it.
+    cause = exc.__cause__
+    if exc.status_code != 400 or cause is None:
+        return APIError(exc.status_code, str(exc.detail), headers=exc.headers)
+    if isinstance(cause, RecursionError):
+        return APIError(400, "malformed JSON body: nested too deeply")
+    if isinstance(cause, UnicodeDecodeError):
+        return APIError(400, f"the request body is not valid UTF-8 (byte {cause.start})")
+    return APIError(400, f"malformed JSON body: {str(cause)[:MAX_MESSAGE_CHARS]}")
+
+
+def backend_error(exc: Exception) -> APIError | None:
+    """The OpenAI error for what the backend raises (placing or running a request), or None
+    for anything else."""
+    retry = {"Retry-After": str(RETRY_AFTER_S)}
+    if isinstance(exc, NoWorkerAvailable):
+        msg = f"no {exc.role} worker is available; retry later"
+        return APIError(503, msg, code="no_worker_available", headers=retry)
+    if isinstance(exc, Overloaded):
+        return APIError(429, f"server busy: {exc}; retry later", code="overloaded", headers=retry)
+    if isinstance(exc, RequestFailed):
+        code = {503: "no_worker_available", 504: "request_timeout"}.get(exc.status, "failed")
+        return APIError(
+            exc.status, str(exc), code=code, headers=retry if exc.status == 503 else None
+        )
+    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -93,18 +129,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(APIError(exc.status_code, str(exc.detail), headers=exc.headers))
+        return error_response(_http_error(exc))
 
-    @app.exception_handler(NoWorkerAvailable)
-    async def _no_worker(request: Request, exc: NoWorkerAvailable) -> JSONResponse:
-        return error_response(
-            APIError(
-                503,
-                f"no {exc.role} worker is available; retry later",
-                code="no_worker_available",
-                headers={"Retry-After": str(RETRY_AFTER_S)},
-            )
-        )
+    async def _backend(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(backend_error(exc))
+
+    for exc_type in (NoWorkerAvailable, Overloaded, RequestFailed):
+        app.add_exception_handler(exc_type, _backend)
 
     app.add_middleware(CatchAll)
 

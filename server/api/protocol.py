@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from baton.scheduler.sampling_params import SamplingParams
+
+
+def _fits_64_bits(v: int) -> int:
+    if not -(2**63) <= v < 2**63:
+        raise ValueError("must fit in 64 bits")
+    return v
+
+
+# NOTE: integers and stop strings travel to the workers in msgpack frames: a number past 64 bits
+# or stop strings near the 1 MiB frame header would fail there, after the request was placed.
+# A validator, not ge/le: FastAPI writes schema bounds as floats, and 2**63 - 1 is not one.
+Int64 = Annotated[int, AfterValidator(_fits_64_bits)]
+MAX_STOP_CHARS = 1000
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 
 
 class _Request(BaseModel):
@@ -23,23 +37,24 @@ class _SamplingRequest(_Request):
     """The fields completions and chat completions share."""
 
     model: str
-    n: int | None = 1
+    n: Int64 | None = 1
     temperature: float | None = None
     top_p: float | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: StopString | list[StopString] | None = None
+    seed: Int64 | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     user: str | None = None
+    logit_bias: dict[str, float] | None = None
     # vLLM extras
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
-    min_tokens: int | None = 0
+    min_tokens: Int64 | None = 0
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
 
@@ -49,6 +64,8 @@ class _SamplingRequest(_Request):
 
     def _params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """Raises ValueError naming the offending field."""
+        if self.logit_bias:  # refused, not ignored: a bias that bans tokens must not be lost
+            raise ValueError("logit_bias: is not supported")
         stop = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         return SamplingParams(
             n=1 if self.n is None else self.n,
@@ -75,8 +92,8 @@ class _SamplingRequest(_Request):
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    max_tokens: Int64 | None = 16
+    logprobs: Int64 | None = None
     echo: bool | None = False
 
     def sampling_params(self) -> SamplingParams:
@@ -108,10 +125,10 @@ class ChatMessage(_Request):
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Int64 | None = None
+    max_completion_tokens: Int64 | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = None
+    top_logprobs: Int64 | None = None
 
     def sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
@@ -236,3 +253,16 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 5xx body (see baton.server.api.errors)."""
+
+    error: ErrorDetail

@@ -20,7 +20,7 @@ from starlette.types import Receive, Scope, Send
 from baton.scheduler.sampling_params import SamplingParams
 from baton.server.api import protocol as p
 from baton.server.api.backend import Backend
-from baton.server.api.errors import APIError, error_body, invalid_field
+from baton.server.api.errors import APIError, backend_error, error_body, invalid_field
 from baton.server.api.formats import ChatFormat, CompletionFormat, merge, sse
 from baton.server.api.generation import Delta, Generation
 from baton.server.api.metrics import Metrics
@@ -128,9 +128,19 @@ class Serving:
         """The model must be ours and the sampling fields valid (400 naming the field)."""
         self.check_model(req.model)
         try:
-            return req.sampling_params()
+            params = req.sampling_params()
         except ValueError as e:
             raise invalid_field(e) from None
+        if params.stop_token_ids:
+            vocab = len(self.backend.tokenizer)
+            bad = next((t for t in params.stop_token_ids if t >= vocab), None)
+            if bad is not None:
+                raise APIError(
+                    400,
+                    f"stop_token_ids: token id {bad} is not in [0, {vocab})",
+                    param="stop_token_ids",
+                )
+        return params
 
     # ---- the two endpoints ----------------------------------------------------------------
 
@@ -165,7 +175,10 @@ class Serving:
         fmt: Format,
     ) -> Response:
         gen = Generation(self.backend, rid, prompt_ids, params, self.metrics, arrival)
-        await gen.start()  # NoWorkerAvailable: answered 503 by its handler
+        try:
+            await gen.start()  # NoWorkerAvailable, Overloaded: answered by their handlers
+        except ValueError as e:  # the backend's own checks (KV it could never hold)
+            raise APIError(400, str(e), param="max_tokens") from None
         if req.stream:
             return EventStream(self._events(gen, fmt, req.include_usage), on_close=gen.close)
         return await self._respond(gen, fmt, request)
@@ -187,9 +200,14 @@ class Serving:
                 yield sse(fmt.chunk(d))
             if include_usage:
                 yield sse(fmt.usage_chunk(self._usage(gen)))
-        except Exception:
-            logger.exception("request %s failed while streaming", fmt.id)
-            yield f"data: {json.dumps(error_body(500, 'internal error'))}\n\n"
+        except Exception as e:
+            err = backend_error(e)  # a worker lost with nowhere to resume, a deadline passed
+            if err is None:
+                logger.exception("request %s failed while streaming", fmt.id)
+                err = APIError(500, "internal error")
+            else:
+                logger.warning("request %s failed while streaming: %s", fmt.id, e)
+            yield f"data: {json.dumps(error_body(err.status, err.message, code=err.code))}\n\n"
         finally:
             # NOTE: a disconnect cancels us inside a cancelled anyio scope: shield the aborts.
             with anyio.CancelScope(shield=True):

@@ -17,6 +17,8 @@ from baton.scheduler.sampling_params import SamplingParams
 from baton.server.api.app import build_app
 from baton.server.api.backend import NoWorkerAvailable, TokenEvent
 from baton.server.api.metrics import Metrics
+from baton.server.wire import codec
+from baton.server.wire import messages as m
 
 MODEL = "fake-model"
 ALIAS = "fake"
@@ -95,6 +97,10 @@ class FakeBackend:
             raise RuntimeError("secret backend detail")
         if self.unavailable and len(self.calls) >= self.unavailable_after:
             raise NoWorkerAvailable(self.unavailable)
+        # as the router does: a request that cannot be framed for a worker fails here
+        codec.encode(
+            m.Generate(request_id, list(prompt_token_ids), m.params_to_dict(params), "", "")
+        )
         self.calls.append((request_id, list(prompt_token_ids), params))
         return self._stream(request_id, params)
 
@@ -129,10 +135,12 @@ class FakeBackend:
 class Server:
     """The app on 127.0.0.1, any free port, in a background thread."""
 
-    def __init__(self, backend: FakeBackend, api_key: str | None = None) -> None:
+    def __init__(self, backend: FakeBackend, api_key: str | None = None, **app_kw) -> None:
         self.backend, self.api_key = backend, api_key
         self.metrics = Metrics()
-        app = build_app(backend, served_model_name=ALIAS, api_key=api_key, metrics=self.metrics)
+        app = build_app(
+            backend, served_model_name=ALIAS, api_key=api_key, metrics=self.metrics, **app_kw
+        )
         config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -157,6 +165,15 @@ class Server:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+def error_of(r: httpx.Response, status: int) -> dict:
+    """The OpenAI error object of `r`, which must have `status` and nothing but that shape."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
 
 
 def wait_for(pred, timeout: float = 5.0) -> None:

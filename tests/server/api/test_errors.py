@@ -5,18 +5,10 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.server.api.conftest import ALIAS, Server
+from tests.server.api.conftest import ALIAS, Server, error_of
 
 PROMPT = "The capital of France is"
 CHAT = [{"role": "user", "content": "hi"}]
-
-
-def error_of(r, status: int) -> dict:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"message", "type", "param", "code"}
-    return body["error"]
 
 
 def test_unknown_model_is_404(server):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from baton.server.api.protocol import ChatCompletionRequest, CompletionRequest
+from baton.server.api.protocol import MAX_STOP_CHARS, ChatCompletionRequest, CompletionRequest
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -96,6 +96,14 @@ def test_echo_is_refused_by_name():
         CompletionRequest(model="m", prompt="x", echo=True).sampling_params()
 
 
+def test_logit_bias_is_refused_by_name_not_ignored():
+    req = CompletionRequest.model_validate({"model": "m", "prompt": "x", "logit_bias": {"5": 1}})
+    with pytest.raises(ValueError, match="^logit_bias:"):
+        req.sampling_params()
+    empty = CompletionRequest.model_validate({"model": "m", "prompt": "x", "logit_bias": {}})
+    assert empty.sampling_params() == CompletionRequest(model="m", prompt="x").sampling_params()
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -103,6 +111,9 @@ def test_echo_is_refused_by_name():
         {"prompt": "x", "n": True},
         {"prompt": [1, "a"]},
         {"prompt": "x", "stop": 3},
+        {"prompt": "x", "top_k": 2**63},  # would not fit the router's frames
+        {"prompt": "x", "min_tokens": -(2**63) - 1},
+        {"prompt": "x", "stop": ["x" * (MAX_STOP_CHARS + 1)]},
         {},
     ],
 )
