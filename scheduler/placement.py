@@ -25,7 +25,7 @@ class WorkerState:
     num_free_blocks: int = 0
     assigned: set[str] = field(default_factory=set)  # request ids the router sent here
     served: int = 0  # requests ever placed here
-    state: str = "ready"  # "ready" or "dead"
+    state: str = "ready"  # "ready", "draining" (finishing its work, takes none) or "dead"
 
     @property
     def load(self) -> int:
@@ -81,24 +81,83 @@ class Pool:
     def ready(self, role: str) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.role == role and w.state == "ready"]
 
-    def pick_prefill(self) -> WorkerState | None:
+    @property
+    def first_role(self) -> str:
+        """The role that takes a new request's prompt."""
+        return "prefill" if self.mode == "disagg" else "both"
+
+    @property
+    def decode_role(self) -> str:
+        """The role that generates after the first token (and recomputes a resumed request)."""
+        return "decode" if self.mode == "disagg" else "both"
+
+    def pick_prefill(self, exclude: frozenset[str] = frozenset()) -> WorkerState | None:
         """Least loaded."""
-        role = "prefill" if self.mode == "disagg" else "both"
-        cands = self.ready(role)
+        cands = [w for w in self.ready(self.first_role) if w.worker_id not in exclude]
         return min(cands, key=lambda w: (w.load, w.worker_id)) if cands else None
 
-    def pick_decode(self, blocks_needed: int) -> WorkerState | None:
+    def pick_decode(
+        self, blocks_needed: int, exclude: frozenset[str] = frozenset()
+    ) -> WorkerState | None:
         """Most free KV (net of what was just assigned), then the smallest running batch."""
-        cands = [w for w in self.ready("decode") if w.num_blocks >= blocks_needed]
+        cands = [
+            w
+            for w in self.ready(self.decode_role)
+            if w.num_blocks >= blocks_needed and w.worker_id not in exclude
+        ]
         if not cands:
             return None
         return min(cands, key=lambda w: (-w.num_free_blocks, w.load, w.worker_id))
+
+    def plan(
+        self,
+        blocks_needed: int,
+        resumed: bool,
+        avoid: frozenset[str] = frozenset(),
+        recompute_on: str | None = None,
+    ) -> tuple[WorkerState, WorkerState | None] | None:
+        """Where a request runs: (the worker it is sent to, the decode worker its KV is handed
+        to, or None when the first one runs it all). None: nowhere now.
+
+        A fresh request takes the usual path. One resumed after a failure (tokens already
+        streamed) is recomputed on one decode-capable worker: `recompute_on` if it is ready
+        (a failed handoff falls back to the decode side), else the best other one. With no
+        prefill worker up, a fresh request is also run by a decode worker alone.
+        """
+        if recompute_on is not None and recompute_on not in avoid:
+            w = self.workers.get(recompute_on)
+            if w is not None and w.state == "ready" and w.num_blocks >= blocks_needed:
+                return w, None
+        if not resumed:
+            first = self.pick_prefill(avoid)
+            if first is not None and self.mode == "colocated":
+                return first, None
+            decode = self.pick_decode(blocks_needed, avoid)
+            if first is not None and decode is not None:
+                return first, decode
+        decode = self.pick_decode(blocks_needed, avoid)
+        return (decode, None) if decode is not None else None
+
+    def never_fits(self, blocks_needed: int) -> str | None:
+        """Why a request needing `blocks_needed` KV blocks (prompt + max_tokens) could never run
+        where it decodes, or None. Whether blocks are free now is a matter of waiting."""
+        caps = [
+            w.num_blocks
+            for w in self.workers.values()
+            if w.role == self.decode_role and w.state != "dead"
+        ]
+        if caps and blocks_needed > max(caps):
+            return (
+                f"prompt + max_tokens need {blocks_needed} KV blocks; the largest "
+                f"{self.decode_role} worker has {max(caps)}"
+            )
+        return None
 
     def expire(self, now: float, timeout: float) -> list[WorkerState]:
         """Mark workers silent for `timeout` seconds dead; returns the newly dead."""
         dead = []
         for w in self.workers.values():
-            if w.state == "ready" and now - w.last_seen > timeout:
+            if w.state != "dead" and now - w.last_seen > timeout:
                 w.state = "dead"
                 dead.append(w)
         return dead

@@ -45,6 +45,21 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("BATON_API_KEY"))
     p.add_argument("--mode", default="disagg", choices=["disagg", "colocated"])
+    p.add_argument(
+        "--max-num-requests",
+        type=int,
+        default=4096,
+        help="requests in flight at once; past it, 429 with Retry-After",
+    )
+    p.add_argument(
+        "--request-timeout", type=float, default=None, help="seconds a request may take (504)"
+    )
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=10.0,
+        help="seconds of silence before a worker is declared dead",
+    )
 
 
 def _engine_config(args, num_on_device: int = 1):
@@ -82,7 +97,13 @@ def _serve_config(args, control: str):
         api_key=args.api_key,
         max_model_len=args.max_model_len,
         block_size=args.block_size,
-        router=RouterConfig(mode=args.mode, control=control),
+        router=RouterConfig(
+            mode=args.mode,
+            control=control,
+            heartbeat_timeout_s=args.heartbeat_timeout,
+            max_num_requests=args.max_num_requests,
+            request_timeout_s=args.request_timeout,
+        ),
     )
 
 
@@ -98,10 +119,13 @@ def run_worker(args) -> int:
         kv_host=args.kv_host,
         kv_port=args.kv_port,
         parent_pid=args.parent_pid,
+        drain_timeout_s=args.drain_timeout,
+        kv_timeout_s=args.kv_timeout,
         **kw,
     )
     worker = Worker(cfg)
-    signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "running", False))
+    # SIGTERM drains (finish or give back the work, deregister, exit); Ctrl-C stops at once.
+    signal.signal(signal.SIGTERM, lambda *_: worker.drain())
     with contextlib.suppress(KeyboardInterrupt):
         worker.run()
     return 0
@@ -132,6 +156,7 @@ def worker_command(args, role: str, router: str, index: int, num_workers: int) -
     cmd += ["--max-num-seqs", str(args.max_num_seqs), "--workers-on-device", str(num_workers)]
     cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     cmd += ["--worker-id", f"{role}-{index}-{os.getpid()}", "--parent-pid", str(os.getpid())]
+    cmd += ["--drain-timeout", str(args.drain_timeout), "--kv-timeout", str(args.kv_timeout)]
     for flag, value in (
         ("--device", args.device),
         ("--max-model-len", args.max_model_len),
@@ -184,7 +209,7 @@ def run_serve(args) -> int:
     finally:
         for p in procs:
             if p.poll() is None:
-                p.terminate()
+                p.send_signal(signal.SIGINT)  # stop now: the router (and its clients) are gone
         for p in procs:
             try:
                 p.wait(timeout=10)
@@ -204,12 +229,18 @@ def add_subcommands(sub) -> None:
     serve.add_argument("--prefill-workers", type=int, default=1)
     serve.add_argument("--decode-workers", type=int, default=1)
     serve.add_argument("--workers", type=int, default=1, help="colocated mode: pool size")
+    serve.add_argument("--drain-timeout", type=float, default=30.0, help="workers' SIGTERM drain")
+    serve.add_argument("--kv-timeout", type=float, default=60.0, help="stalled KV handoff limit")
     serve.set_defaults(func=run_serve)
 
     router = sub.add_parser("router", help="the HTTP router alone; workers join it")
     add_model_args(router)
     add_router_args(router)
-    router.add_argument("--control", default="tcp://0.0.0.0:8001", help="where workers connect")
+    router.add_argument(
+        "--control",
+        default="tcp://127.0.0.1:8001",
+        help="where workers connect (loopback by default: give an address to reach other hosts)",
+    )
     router.set_defaults(func=run_router)
 
     worker = sub.add_parser("worker", help="one prefill, decode or colocated worker")
@@ -220,6 +251,12 @@ def add_subcommands(sub) -> None:
     worker.add_argument("--kv-host", default="127.0.0.1", help="address peers reach this on")
     worker.add_argument("--kv-port", type=int, default=0)
     worker.add_argument("--worker-id", default=None)
+    worker.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish the work"
+    )
+    worker.add_argument(
+        "--kv-timeout", type=float, default=60.0, help="seconds a stalled KV handoff is kept"
+    )
     worker.add_argument("--workers-on-device", type=int, default=1, help=argparse.SUPPRESS)
     worker.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     worker.set_defaults(func=run_worker)

@@ -1,6 +1,12 @@
 """The router's side of ZeroMQ: registers workers, places requests, relays their tokens.
 
 Implements the HTTP layer's Backend protocol. Runs on the server's asyncio loop.
+
+Failover: the router keeps every token it streamed. When a worker a request depends on dies
+(its socket drops or its heartbeats stop), deregisters, or gives the request back (draining, a
+failed KV handoff), the request is resumed elsewhere: the prompt plus the tokens already streamed
+are recomputed on a decode-capable worker, so the client's stream goes on unbroken and greedy
+output is what it would have been.
 """
 
 from __future__ import annotations
@@ -9,14 +15,16 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from baton.scheduler.placement import Pool, WorkerState
 from baton.scheduler.sampling_params import SamplingParams
-from baton.server.api.backend import NoWorkerAvailable, TokenEvent
+from baton.server.api.backend import NoWorkerAvailable, Overloaded, RequestFailed, TokenEvent
+from baton.server.router.stream import Stream, WorkerLost
 from baton.server.wire import codec
 from baton.server.wire import messages as m
 
@@ -29,13 +37,9 @@ class RouterConfig:
     control: str = "tcp://127.0.0.1:0"  # where workers connect; port 0: any free port
     heartbeat_timeout_s: float = 10.0
     model: str | None = None  # expected model name (None: the first worker's)
-
-
-@dataclass
-class _Stream:
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    workers: list[str] = field(default_factory=list)
-    started: float = 0.0
+    max_num_requests: int = 4096  # in flight at once; past it, 429 at once
+    request_timeout_s: float | None = None  # a request's deadline (None: none)
+    max_attempts: int = 4  # per request: its first placement and up to 3 failovers
 
 
 class ZmqBackend:
@@ -65,7 +69,10 @@ class ZmqBackend:
         else:
             self.sock.bind(config.control)
         self.endpoint = f"{host}:{port}"
-        self.streams: dict[str, _Stream] = {}
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self.streams: dict[str, Stream] = {}  # by request id
+        self.attempts: dict[str, Stream] = {}  # by the id of their current attempt on the wire
+        self._peer_fds: dict[int, str] = {}  # socket fd -> the worker whose frames came on it
         self._tasks: list[asyncio.Task] = []
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -74,12 +81,15 @@ class ZmqBackend:
         self._tasks = [
             asyncio.create_task(self._recv_loop()),
             asyncio.create_task(self._expire_loop()),
+            asyncio.create_task(self._monitor_loop()),
         ]
 
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.sock.disable_monitor()
+        self.monitor.close(0)
         self.sock.close(0)
         self.ctx.term()
 
@@ -101,11 +111,11 @@ class ZmqBackend:
                 logger.warning("dropped a malformed frame from %r: %s", ident[:64], e)
                 continue
             try:
-                await self._dispatch(ident.decode("utf-8", "replace"), msg)
+                await self._dispatch(ident.decode("utf-8", "replace"), msg, frames[1])
             except Exception:  # a bug handling one message must not stop the router
                 logger.exception("error handling %s", type(msg).__name__)
 
-    async def _dispatch(self, ident: str, msg) -> None:
+    async def _dispatch(self, ident: str, msg, frame: zmq.Frame | None = None) -> None:
         if isinstance(msg, m.Register):
             await self._on_register(ident, msg)
             return
@@ -113,12 +123,19 @@ class ZmqBackend:
             ident = msg.worker_id  # a worker's heartbeat thread has its own socket
         w = self.pool.workers.get(ident)
         if w is None:
-            logger.warning("dropped a %s from unregistered %r", type(msg).__name__, ident)
+            if isinstance(msg, m.Heartbeat):  # this router restarted, or dropped the worker
+                await self._send(ident, m.Reconnect("this router does not know you"))
+            else:
+                logger.warning("dropped a %s from unregistered %r", type(msg).__name__, ident)
             return
+        if frame is not None:  # which connection is this worker's (see _monitor_loop)
+            self._peer_fds[frame.get(zmq.SRCFD)] = ident
         w.last_seen = time.monotonic()
         if isinstance(msg, m.Heartbeat):
-            if w.state == "dead":
-                w.state = "ready"
+            if w.state == "dead":  # back after being given up: its old work went elsewhere
+                await self._send(ident, m.Reconnect("declared dead earlier; register again"))
+                return
+            w.state = "draining" if msg.draining else "ready"
             w.running, w.waiting = msg.running, msg.waiting
             w.kv_usage, w.num_free_blocks = msg.kv_usage, msg.num_free_blocks
             if self.metrics is not None:
@@ -126,7 +143,7 @@ class ZmqBackend:
         elif isinstance(msg, m.TokenOutput):
             if msg.queue_time_s is not None and self.metrics is not None:
                 self.metrics.observe_queue_time(msg.queue_time_s)
-            stream = self.streams.get(msg.request_id)
+            stream = self.attempts.get(msg.request_id)
             if stream is not None:
                 stream.queue.put_nowait(msg)
         elif isinstance(msg, m.KVReport):
@@ -134,6 +151,15 @@ class ZmqBackend:
                 self.metrics.observe_kv_transfer(msg.nbytes, msg.seconds)
             elif self.metrics is not None:
                 self.metrics.observe_kv_transfer_failure()
+            stream = self.attempts.get(msg.request_id)
+            if msg.ok and stream is not None and ident in stream.workers[:-1]:
+                # The KV arrived: the request no longer depends on its prefill worker.
+                stream.workers.remove(ident)
+                w.assigned.discard(msg.request_id)
+        elif isinstance(msg, m.Deregister):
+            logger.info("worker %s left: %s", ident, msg.reason)
+            self._worker_lost(ident, f"worker {ident} left ({msg.reason})")
+            del self.pool.workers[ident]
         else:
             logger.warning("dropped an unexpected %s from %s", type(msg).__name__, ident)
 
@@ -152,17 +178,19 @@ class ZmqBackend:
             last_seen=time.monotonic(),
             num_free_blocks=msg.num_blocks,
         )
+        known = self.pool.workers.get(ident)
         reason = None
         if ident != msg.worker_id:
             reason = "worker_id differs from the socket identity"
-        elif (
-            self.pool.workers.get(ident, None) is not None
-            and self.pool.workers[ident].state == "ready"
-        ):
+        elif known is not None and known.state != "dead" and known.pid == msg.pid:
+            # The same process again: it restarted its session (a Reconnect); whatever it ran
+            # for us before is gone on its side.
+            self._worker_lost(ident, f"worker {ident} registered again")
+        elif known is not None and known.state != "dead":
             reason = f"worker id {ident!r} is already registered"
-        elif msg.max_model_len < self.max_model_len:
+        if reason is None and msg.max_model_len < self.max_model_len:
             reason = f"max_model_len {msg.max_model_len} is below the router's {self.max_model_len}"
-        else:
+        if reason is None:
             reason = self.pool.admit(w)
         if reason is not None:
             logger.error("refused worker %s (%s, pid %d): %s", ident, msg.role, msg.pid, reason)
@@ -181,21 +209,31 @@ class ZmqBackend:
             await asyncio.sleep(min(1.0, self.config.heartbeat_timeout_s / 4))
             for w in self.pool.expire(time.monotonic(), self.config.heartbeat_timeout_s):
                 logger.error("worker %s missed its heartbeats; marking it dead", w.worker_id)
-                for rid in list(w.assigned):
-                    s = self.streams.get(rid)
-                    if s is not None:
-                        s.queue.put_nowait(
-                            m.TokenOutput(
-                                rid,
-                                w.worker_id,
-                                [],
-                                None,
-                                "abort",
-                                None,
-                                0,
-                                f"worker {w.worker_id} stopped responding",
-                            )
-                        )
+                self._worker_lost(w.worker_id, f"worker {w.worker_id} stopped responding")
+
+    async def _monitor_loop(self) -> None:
+        """A worker's connection dropped (its process died): no need to wait for heartbeats."""
+        while True:
+            event = parse_monitor_message(await self.monitor.recv_multipart())
+            wid = self._peer_fds.pop(int(event["value"]), None)
+            w = self.pool.workers.get(wid) if wid is not None else None
+            if w is not None and w.state != "dead":
+                logger.error("worker %s disconnected; marking it dead", wid)
+                self._worker_lost(wid, f"worker {wid} disconnected")
+
+    def _worker_lost(self, worker_id: str, reason: str) -> None:
+        """Every request that depends on the worker resumes elsewhere (see `_relay`)."""
+        w = self.pool.workers.get(worker_id)
+        if w is None:
+            return
+        w.state = "dead"
+        for fd in [fd for fd, wid in self._peer_fds.items() if wid == worker_id]:
+            del self._peer_fds[fd]
+        for wire_id in list(w.assigned):
+            stream = self.attempts.get(wire_id)
+            if stream is not None:
+                stream.queue.put_nowait(WorkerLost(wire_id, worker_id, reason))
+        w.assigned.clear()
 
     # ---- Backend protocol -----------------------------------------------------------------
 
@@ -210,42 +248,131 @@ class ZmqBackend:
     ) -> AsyncIterator[TokenEvent]:
         if request_id in self.streams:
             raise ValueError(f"request id {request_id!r} is already in flight")
-        prefill = self.pool.pick_prefill()
-        if prefill is None:
-            raise NoWorkerAvailable("prefill" if self.pool.mode == "disagg" else "colocated")
-        decode = None
-        if self.pool.mode == "disagg":
-            total = len(prompt_token_ids) + (params.max_tokens or 0)
-            decode = self.pool.pick_decode(-(-total // self.block_size))
-            if decode is None:
-                raise NoWorkerAvailable("decode")
-        stream = _Stream(started=time.monotonic())
-        stream.workers = [prefill.worker_id] + ([decode.worker_id] if decode else [])
+        if len(self.streams) >= self.config.max_num_requests:
+            raise Overloaded(f"{len(self.streams)} requests in flight, the router's limit")
+        now = time.monotonic()
+        timeout = self.config.request_timeout_s
+        stream = Stream(
+            request_id, list(prompt_token_ids), params, now, now + timeout if timeout else None
+        )
+        why = self.pool.never_fits(stream.blocks_needed(self.block_size))
+        if why is not None:
+            raise ValueError(why)
+        plan = self.pool.plan(stream.blocks_needed(self.block_size), resumed=False)
+        if plan is None:
+            raise NoWorkerAvailable(self._missing_role())
         self.streams[request_id] = stream
+        try:
+            if not await self._launch(stream, *plan):
+                await self._replan(stream, "the worker chosen is unreachable", plan[0].worker_id)
+        except BaseException:
+            self.streams.pop(request_id, None)
+            await self._end_attempt(stream, abort=True)
+            raise
+        return self._relay(stream)
+
+    def _missing_role(self) -> str:
+        if self.pool.mode == "colocated":
+            return "colocated"
+        return "prefill" if not self.pool.ready("prefill") else "decode"
+
+    async def _launch(self, stream: Stream, first: WorkerState, decode: WorkerState | None) -> bool:
+        """Send the request's next attempt; False if `first` could not be reached."""
+        wire_id = stream.next_wire_id()
+        stream.wire_id = wire_id
+        self.attempts[wire_id] = stream
+        stream.workers = [first.worker_id] + ([decode.worker_id] if decode else [])
         for wid in stream.workers:
-            self.pool.workers[wid].assigned.add(request_id)
+            self.pool.workers[wid].assigned.add(wire_id)
             self.pool.workers[wid].served += 1
         gen = m.Generate(
-            request_id,
-            list(prompt_token_ids),
-            m.params_to_dict(params),
+            wire_id,
+            stream.prompt_token_ids,
+            m.params_to_dict(stream.params),
             decode.worker_id if decode else "",
             decode.kv_endpoint if decode else "",
+            prior_output_ids=list(stream.generated),
         )
-        return self._relay(request_id, stream, gen, prefill.worker_id)
+        return await self._send(first.worker_id, gen)
 
-    async def _relay(self, request_id, stream, gen, prefill_id) -> AsyncIterator[TokenEvent]:
+    async def _replan(
+        self, stream: Stream, reason: str, failed: str, recompute_on: str | None = None
+    ) -> None:
+        """Abandon the current attempt (its live workers are told to drop it) and start the
+        next one; raises RequestFailed when there is nowhere left to go."""
+        avoid = {failed}
+        while True:
+            old = stream.wire_id
+            await self._end_attempt(stream, abort=True)
+            if stream.attempts >= self.config.max_attempts:
+                raise RequestFailed(f"{reason}; gave up after {stream.attempts} attempts", 503)
+            blocks = stream.blocks_needed(self.block_size)
+            resumed = bool(stream.generated) or recompute_on is not None
+            plan = self.pool.plan(blocks, resumed, frozenset(avoid), recompute_on)
+            if plan is None:
+                raise RequestFailed(f"{reason}; no worker is left to resume the request", 503)
+            logger.warning(
+                "request %s: %s; resuming on %s after %d tokens (attempt %s)",
+                stream.request_id,
+                reason,
+                plan[0].worker_id,
+                len(stream.generated),
+                old,
+            )
+            if await self._launch(stream, *plan):
+                return
+            avoid.add(plan[0].worker_id)
+            reason = f"worker {plan[0].worker_id} is unreachable"
+
+    async def _end_attempt(self, stream: Stream, abort: bool) -> None:
+        self.attempts.pop(stream.wire_id, None)
+        workers, stream.workers = stream.workers, []
+        for wid in workers:
+            w = self.pool.workers.get(wid)
+            if w is None:
+                continue
+            w.assigned.discard(stream.wire_id)
+            if abort and w.state != "dead":
+                await self._send(wid, m.Abort(stream.wire_id))
+
+    async def _next(self, stream: Stream):
+        if stream.deadline is None:
+            return await stream.queue.get()
+        left = stream.deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(stream.queue.get(), max(left, 0.0))
+        except TimeoutError:
+            limit = self.config.request_timeout_s
+            raise RequestFailed(f"the request did not finish within {limit:g} s", 504) from None
+
+    async def _relay(self, stream: Stream) -> AsyncIterator[TokenEvent]:
         finished = False
         try:
-            if not await self._send(prefill_id, gen):
-                raise RuntimeError(f"prefill worker {prefill_id} is unreachable")
             while True:
-                msg: m.TokenOutput = await stream.queue.get()
+                msg = await self._next(stream)
+                if isinstance(msg, WorkerLost):
+                    if msg.wire_id == stream.wire_id:
+                        # A prefill worker lost after the first token: recompute where the
+                        # request was to decode. Before it: another prefill worker retries.
+                        w = stream.workers
+                        on = w[1] if len(w) == 2 and w[0] == msg.worker_id else None
+                        on = on if stream.generated else None
+                        await self._replan(stream, msg.reason, msg.worker_id, recompute_on=on)
+                    continue
+                if msg.request_id != stream.wire_id:
+                    continue  # a late message of an abandoned attempt
+                if msg.error and msg.retry:
+                    # A failed handoff falls back to recomputing where the request decodes.
+                    handoff_failed = len(stream.workers) == 2 and msg.worker_id == stream.workers[0]
+                    target = stream.workers[1] if handoff_failed else None
+                    await self._replan(stream, msg.error, msg.worker_id, recompute_on=target)
+                    continue
                 if msg.error:
                     finished = True
-                    raise RuntimeError(msg.error)
+                    raise RequestFailed(f"worker {msg.worker_id}: {msg.error}", 500)
                 if msg.finish_reason is None and not msg.token_ids:
                     continue
+                stream.generated.extend(msg.token_ids)
                 yield TokenEvent(
                     token_ids=list(msg.token_ids),
                     logprobs=msg.logprobs,
@@ -257,27 +384,10 @@ class ZmqBackend:
                     finished = True
                     return
         finally:
-            self._forget(request_id)
-            if not finished:
-                await self._abort_workers(request_id, stream.workers)
-
-    def _forget(self, request_id: str) -> None:
-        stream = self.streams.pop(request_id, None)
-        if stream is None:
-            return
-        for wid in stream.workers:
-            w = self.pool.workers.get(wid)
-            if w is not None:
-                w.assigned.discard(request_id)
-
-    async def _abort_workers(self, request_id: str, worker_ids: list[str]) -> None:
-        for wid in worker_ids:
-            await self._send(wid, m.Abort(request_id))
+            self.streams.pop(stream.request_id, None)
+            await self._end_attempt(stream, abort=not finished)
 
     async def abort(self, request_id: str) -> None:
-        stream = self.streams.get(request_id)
-        if stream is None:
-            return
-        workers = list(stream.workers)
-        self._forget(request_id)
-        await self._abort_workers(request_id, workers)
+        stream = self.streams.pop(request_id, None)
+        if stream is not None:
+            await self._end_attempt(stream, abort=True)

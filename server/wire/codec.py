@@ -18,7 +18,7 @@ import msgpack
 
 from baton.server.wire.messages import MESSAGES, KVChunk, KVLayout
 
-PROTOCOL_VERSION = 2  # 2: KV chunk checksums are XXH3-64 (were crc32)
+PROTOCOL_VERSION = 3  # 2: KV checksums are XXH3-64 (were crc32); 3: failover and drain fields
 MAX_HEADER_BYTES = 1 << 20
 MAX_LIST_LEN = 1 << 20  # token ids in a prompt; the header limit usually bites first
 MAX_MAP_LEN = 64

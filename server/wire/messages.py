@@ -105,11 +105,29 @@ class Heartbeat:
     num_free_blocks: int
     prefix_queries: int
     prefix_hits: int
+    draining: bool = False  # stopping: finishes what it has, takes nothing new
 
     def __post_init__(self) -> None:
         _non_negative(
             self, "running", "waiting", "num_free_blocks", "prefix_queries", "prefix_hits"
         )
+
+
+@dataclass(frozen=True)
+class Deregister:
+    """Worker -> router, as a worker leaves on purpose (drained, or stopped)."""
+
+    TYPE: ClassVar[str] = "deregister"
+    worker_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Reconnect:
+    """Router -> worker it does not know (the router restarted): register again."""
+
+    TYPE: ClassVar[str] = "reconnect"
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -120,9 +138,16 @@ class Generate:
     params: dict  # params_to_dict(SamplingParams)
     decode_worker_id: str  # "" when the same worker decodes (colocated)
     decode_endpoint: str
+    # A request resumed after a failure: the tokens it had already streamed (recomputed here).
+    prior_output_ids: list[int] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_token_ids("prompt_token_ids", self.prompt_token_ids)
+        _check_token_ids("prior_output_ids", self.prior_output_ids)
+        _require(
+            not (self.prior_output_ids and self.decode_endpoint),
+            "a resumed request is recomputed where it decodes, never handed off",
+        )
 
 
 @dataclass(frozen=True)
@@ -143,6 +168,9 @@ class TokenOutput:
     num_cached_tokens: int
     error: str  # "" unless the request failed
     queue_time_s: float | None = None  # on a request's first output from the worker that ran it
+    # With an error: the failure was this worker's (draining, a handoff that failed), not the
+    # request's, so the router may run it elsewhere.
+    retry: bool = False
 
     def __post_init__(self) -> None:
         _check_token_ids("token_ids", self.token_ids)
@@ -261,6 +289,8 @@ MESSAGES: dict[str, type] = {
         Register,
         RegisterReply,
         Heartbeat,
+        Deregister,
+        Reconnect,
         Generate,
         Abort,
         TokenOutput,

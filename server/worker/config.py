@@ -21,6 +21,8 @@ class WorkerConfig:
     kv_port: int = 0  # 0: any free port
     heartbeat_s: float = 1.0
     register_timeout_s: float = 60.0
+    drain_timeout_s: float = 30.0  # SIGTERM: finish work this long, then give the rest back
+    kv_timeout_s: float = 60.0  # a handoff with no progress this long is given up
     # When set, the worker stops once this process is no longer its parent: the `baton serve`
     # that started it went away, even by SIGKILL, and must not leave a worker behind.
     parent_pid: int = 0

@@ -20,6 +20,12 @@ class Outgoing:
     bytes_sent: int = 0
     started: float = 0.0
     first_sent: float | None = None  # when the first chunk went out
+    last_activity: float = 0.0  # the last message either way (for the stall timeout)
+
+    @property
+    def waiting_on_peer(self) -> bool:
+        """Waiting for the decode worker's answer (not for this worker's own engine)."""
+        return self.opened is None or self.done_sent
 
 
 @dataclass
@@ -31,6 +37,7 @@ class Incoming:
     block_ids: list[int]
     received: set[int] = field(default_factory=set)
     bytes_received: int = 0
+    last_activity: float = 0.0
 
     @property
     def complete(self) -> bool:

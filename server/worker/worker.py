@@ -1,11 +1,17 @@
 """The worker loop: registers with the router, runs engine steps, hands KV over ZeroMQ.
 
-One thread, one poller. Every frame goes through the wire codec; a malformed one is logged and
-dropped, never fatal.
+One thread, one poller (heartbeats have their own thread). Every frame goes through the wire
+codec; a malformed one is logged and dropped, never fatal.
+
+Stopping: `drain()` (SIGTERM) makes the worker take nothing new, finish what it has within
+`drain_timeout_s`, give what is left back to the router (which resumes it elsewhere), deregister
+and return from `run`. A KV handoff that makes no progress for `kv_timeout_s` is given up on
+both sides, blocks freed, the request given back to the router.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -64,8 +70,22 @@ class Worker:
         self.outgoing: dict[str, Outgoing] = {}
         self.incoming: dict[str, Incoming] = {}
         self.running = True
+        self.registered = False
+        self.drain_deadline: float | None = None  # set by drain()
         self._last_parent_check = 0.0
+        self._last_timeout_check = 0.0
         self._stop_beats = threading.Event()
+        self._beat_now = threading.Event()
+
+    @property
+    def draining(self) -> bool:
+        return self.drain_deadline is not None
+
+    def drain(self) -> None:
+        """Stop taking work; finish (or give back) what is here, then leave. Signal-safe."""
+        if self.drain_deadline is None:
+            self.drain_deadline = time.monotonic() + self.config.drain_timeout_s
+            self._beat_now.set()  # tell the router now, not at the next beat
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -97,6 +117,7 @@ class Worker:
                 if not reply.accepted:
                     raise RuntimeError(f"the router refused this worker: {reply.reason}")
                 logger.info("worker %s registered as %s", self.id, self.config.role)
+                self.registered = True
                 return
         raise RuntimeError(f"no answer from the router at {self.config.router}")
 
@@ -107,12 +128,31 @@ class Worker:
             beats.start()
             while self.running:
                 self.run_once()
+                if self.draining and (self._idle() or time.monotonic() > self.drain_deadline):
+                    self._give_back_all("the worker stopped before finishing it")
+                    self.running = False
         finally:
             self.running = False
             self._stop_beats.set()
             if beats.is_alive():
                 beats.join(timeout=5)
+            if self.registered:
+                reason = "drained" if self.draining else "stopped"
+                with contextlib.suppress(zmq.ZMQError):
+                    self._send_ctrl(m.Deregister(self.id, reason))
             self.close()
+
+    def _idle(self) -> bool:
+        return not (self.engine.has_unfinished_requests() or self.outgoing or self.incoming)
+
+    def _give_back_all(self, reason: str) -> None:
+        """Drop every request here; the router resumes each elsewhere."""
+        for rid in self.engine.abort_all():
+            self._fail(rid, reason, retry=True)
+        for rid in list(self.outgoing):
+            self._abort(rid)
+        for rid in list(self.incoming):
+            self._abort(rid)
 
     def _beat_loop(self) -> None:
         """Heartbeats from their own thread and socket, so one long engine step (a big prefill
@@ -125,11 +165,13 @@ class Worker:
         try:
             while not self._stop_beats.is_set():
                 sock.send_multipart(codec.encode(self._heartbeat()), copy=False)
-                self._stop_beats.wait(self.config.heartbeat_s)
+                self._beat_now.wait(self.config.heartbeat_s)
+                self._beat_now.clear()
         finally:
             sock.close(0)
 
     def close(self) -> None:
+        self.ctrl.setsockopt(zmq.LINGER, 1000)  # let a Deregister leave
         for sock in [self.ctrl, self.kv, *self.peers.values()]:
             if sock is not None:
                 sock.close(0)
@@ -155,6 +197,9 @@ class Worker:
                     self.engine.release_handoff(h.request_id)
         self._pump()
         now = time.monotonic()
+        if now - self._last_timeout_check >= min(1.0, self.config.kv_timeout_s / 4):
+            self._last_timeout_check = now
+            self._expire_handoffs(now)
         if now - self._last_parent_check >= self.config.heartbeat_s:
             self._last_parent_check = now
             if self.config.parent_pid and os.getppid() != self.config.parent_pid:
@@ -174,9 +219,13 @@ class Worker:
     def _send_ctrl(self, msg) -> None:
         self.ctrl.send_multipart(codec.encode(msg), copy=False)
 
-    def _fail(self, request_id: str, error: str) -> None:
+    def _fail(self, request_id: str, error: str, retry: bool = False) -> None:
+        """Tell the router the request ended here with `error`; with `retry` the fault was this
+        worker's (or its handoff's), not the request's, and the router may run it elsewhere."""
         logger.warning("request %s failed: %s", request_id, error)
-        self._send_ctrl(m.TokenOutput(request_id, self.id, [], None, "abort", None, 0, error))
+        self._send_ctrl(
+            m.TokenOutput(request_id, self.id, [], None, "abort", None, 0, error, retry=retry)
+        )
 
     def _on_control(self, frames) -> None:
         try:
@@ -188,6 +237,16 @@ class Worker:
             self._on_generate(msg)
         elif isinstance(msg, m.Abort):
             self._abort(msg.request_id)
+        elif isinstance(msg, m.Reconnect):
+            # The router restarted (or gave up on us): what we ran for it has no client left.
+            logger.warning("router asks this worker to register again: %s", msg.reason)
+            for rid in self.engine.abort_all():
+                logger.info("dropped request %s of the router's earlier session", rid)
+            for rid in list(self.outgoing) + list(self.incoming):
+                self._abort(rid)
+            self.register()
+            if self.draining:
+                self._beat_now.set()
         elif isinstance(msg, m.RegisterReply) and not msg.accepted:
             logger.error("the router dropped this worker: %s", msg.reason)
             self.running = False
@@ -195,15 +254,25 @@ class Worker:
             logger.warning("dropped an unexpected %s from the router", type(msg).__name__)
 
     def _on_generate(self, msg: m.Generate) -> None:
+        if self.draining:
+            self._fail(msg.request_id, f"worker {self.id} is draining", retry=True)
+            return
         handoff = bool(msg.decode_endpoint)
         try:
             params = m.params_from_dict(msg.params)
-            self.engine.add_request(msg.request_id, msg.prompt_token_ids, params, handoff=handoff)
+            self.engine.add_request(
+                msg.request_id,
+                msg.prompt_token_ids,
+                params,
+                handoff=handoff,
+                prior_output_ids=msg.prior_output_ids,
+            )
         except ValueError as e:
             self._fail(msg.request_id, str(e))
             return
         if handoff:
-            out = Outgoing(msg.request_id, msg.decode_endpoint, started=time.monotonic())
+            now = time.monotonic()
+            out = Outgoing(msg.request_id, msg.decode_endpoint, started=now, last_activity=now)
             self.outgoing[msg.request_id] = out
             self._send_peer(
                 out.endpoint,
@@ -266,6 +335,7 @@ class Worker:
             bm.num_free_blocks,
             bm.prefix_queries,
             bm.prefix_hits,
+            draining=self.draining,
         )
 
     # ---- KV plane, prefill side -----------------------------------------------------------
@@ -289,24 +359,29 @@ class Worker:
         out = self.outgoing.get(msg.request_id) if hasattr(msg, "request_id") else None
         if out is None:
             return  # late answer for a request that ended
+        out.last_activity = time.monotonic()
         if isinstance(msg, m.KVOpenReply):
             out.opened = msg.ok
             if not msg.ok:
                 self.outgoing.pop(msg.request_id)
                 self.engine.abort_request(msg.request_id)
                 self._report(out, ok=False)
-                self._fail(msg.request_id, f"decode worker refused the KV: {msg.reason}")
+                self._fail(
+                    msg.request_id, f"decode worker refused the KV: {msg.reason}", retry=True
+                )
         elif isinstance(msg, m.KVAck):
             self.outgoing.pop(msg.request_id)
             self.engine.release_handoff(msg.request_id)
             self._report(out, ok=msg.ok)
             if not msg.ok:
-                self._fail(msg.request_id, f"KV handoff failed: {msg.reason}")
+                self._fail(msg.request_id, f"KV handoff failed: {msg.reason}", retry=True)
         elif isinstance(msg, m.KVAbort):
             self.outgoing.pop(msg.request_id)
             self.engine.abort_request(msg.request_id)
             self._report(out, ok=False)
-            self._fail(msg.request_id, f"decode worker aborted the handoff: {msg.reason}")
+            self._fail(
+                msg.request_id, f"decode worker aborted the handoff: {msg.reason}", retry=True
+            )
 
     def _report(self, out: Outgoing, ok: bool) -> None:
         """Tell the router how a handoff ended: bytes shipped, first chunk to its end."""
@@ -343,6 +418,7 @@ class Worker:
                     ),
                 )
                 out.done_sent = True
+                out.last_activity = time.monotonic()
 
     def _ship(self, out: Outgoing, block_ids: list[int], first: int) -> None:
         cache = self.engine.runner.kv_cache
@@ -386,6 +462,9 @@ class Worker:
 
     def _on_kv(self, peer: bytes, msg, payload) -> None:
         if isinstance(msg, m.KVOpen):
+            if self.draining:
+                self._send_kv(peer, m.KVOpenReply(msg.request_id, False, "draining"))
+                return
             try:
                 params = m.params_from_dict(msg.params)
                 if msg.layout != layout_of(self.engine.runner.kv_cache):
@@ -399,7 +478,9 @@ class Worker:
                     peer, m.KVOpenReply(msg.request_id, False, "no free KV blocks right now")
                 )
                 return
-            self.incoming[msg.request_id] = Incoming(msg.request_id, peer, dst)
+            self.incoming[msg.request_id] = Incoming(
+                msg.request_id, peer, dst, last_activity=time.monotonic()
+            )
             self._send_kv(peer, m.KVOpenReply(msg.request_id, True, ""))
             return
         inc = self.incoming.get(getattr(msg, "request_id", ""))
@@ -421,6 +502,7 @@ class Worker:
             )
             inc.received.update(range(msg.first_block, end))
             inc.bytes_received += msg.nbytes
+            inc.last_activity = time.monotonic()
         elif isinstance(msg, m.KVDone):
             if msg.num_blocks != len(inc.block_ids) or not inc.complete:
                 raise ValueError(
@@ -450,3 +532,22 @@ class Worker:
             self.engine.abort_request(msg.request_id)
         else:
             logger.warning("dropped an unexpected %s on the KV socket", type(msg).__name__)
+
+    # ---- handoffs that stall ------------------------------------------------------------------
+
+    def _expire_handoffs(self, now: float) -> None:
+        """Give up on handoffs with no progress for kv_timeout_s (a peer died or hangs)."""
+        limit = self.config.kv_timeout_s
+        for rid, out in list(self.outgoing.items()):
+            if out.waiting_on_peer and now - out.last_activity > limit:
+                self.outgoing.pop(rid)
+                self._send_peer(out.endpoint, m.KVAbort(rid, "timed out"))
+                self.engine.abort_request(rid)  # still prefilling, or handed off: freed
+                self._report(out, ok=False)
+                self._fail(rid, f"KV handoff timed out after {limit:g} s", retry=True)
+        for rid, inc in list(self.incoming.items()):
+            if now - inc.last_activity > limit:
+                logger.warning("KV handoff of %s stalled for %g s; dropped", rid, limit)
+                self.incoming.pop(rid)
+                self.engine.abort_request(rid)
+                self._send_kv(inc.peer, m.KVAbort(rid, "timed out"))

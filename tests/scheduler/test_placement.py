@@ -69,3 +69,63 @@ def test_silent_workers_expire_and_health_follows():
 def test_bad_mode():
     with pytest.raises(ValueError, match="mode"):
         Pool("both")
+
+
+def disagg_pool(**decode_free) -> Pool:
+    pool = Pool("disagg")
+    pool.admit(worker("p1", "prefill"))
+    pool.admit(worker("p2", "prefill", running=2))
+    for wid, free in (decode_free or {"d1": 50, "d2": 80}).items():
+        pool.admit(worker(wid, "decode", free=free))
+    return pool
+
+
+def test_a_fresh_request_goes_prefill_then_freest_decode():
+    first, decode = disagg_pool().plan(10, resumed=False)
+    assert (first.worker_id, decode.worker_id) == ("p1", "d2")
+
+
+def test_a_resumed_request_is_recomputed_on_one_decode_worker():
+    pool = disagg_pool()
+    first, decode = pool.plan(10, resumed=True)
+    assert (first.worker_id, decode) == ("d2", None)
+    # a failed handoff falls back to the decode side it was meant for, if it is still there
+    assert pool.plan(10, resumed=True, recompute_on="d1")[0].worker_id == "d1"
+    assert pool.plan(10, True, frozenset({"d1"}), recompute_on="d1")[0].worker_id == "d2"
+    pool.workers["d1"].state = "dead"
+    assert pool.plan(10, resumed=True, recompute_on="d1")[0].worker_id == "d2"
+
+
+def test_avoided_draining_and_dead_workers_are_never_chosen():
+    pool = disagg_pool()
+    pool.workers["p1"].state = "draining"
+    first, decode = pool.plan(10, False, frozenset({"d2"}))
+    assert (first.worker_id, decode.worker_id) == ("p2", "d1")
+    pool.workers["d1"].state = "dead"
+    assert pool.plan(10, False, frozenset({"d2"})) is None  # no decode worker left
+
+
+def test_with_no_prefill_worker_a_decode_worker_runs_the_request_alone():
+    pool = disagg_pool()
+    for wid in ("p1", "p2"):
+        pool.workers[wid].state = "dead"
+    first, decode = pool.plan(10, resumed=False)
+    assert (first.worker_id, decode) == ("d2", None)
+
+
+def test_colocated_plans_use_one_worker():
+    pool = Pool("colocated")
+    pool.admit(worker("b1", "both", running=1))
+    pool.admit(worker("b2", "both"))
+    assert pool.plan(10, resumed=False) == (pool.workers["b2"], None)
+    assert pool.plan(10, True, frozenset({"b2"})) == (pool.workers["b1"], None)
+
+
+def test_a_request_larger_than_every_decode_worker_never_fits():
+    pool = disagg_pool(d1=50, d2=80)
+    assert pool.never_fits(100) is None  # every worker holds 100 blocks: wait for them
+    why = pool.never_fits(101)
+    assert "101 KV blocks" in why and "has 100" in why
+    for w in pool.workers.values():
+        w.state = "dead"
+    assert pool.never_fits(101) is None  # nothing known: placement says no worker instead

@@ -36,6 +36,11 @@ SAMPLES = [
     m.KVAck("r", True, ""),
     m.KVAbort("r", "aborted"),
     m.KVReport("r", 1 << 20, 0.25, True),
+    m.Heartbeat("w0", 0, 0, 0.0, 10, 0, 0, draining=True),
+    m.Deregister("w0", "drained"),
+    m.Reconnect("unknown worker"),
+    m.Generate("r", [1, 2, 3], PARAMS, "", "", prior_output_ids=[4, 5]),
+    m.TokenOutput("r", "w", [], None, "abort", None, 0, "draining", retry=True),
 ]
 PAYLOAD = [b"abcdefgh", b"ijklmnop"]
 GEN, TOK, REG, DONE, HB, ACK = (SAMPLES[i] for i in (3, 6, 0, 11, 2, 13))

@@ -100,7 +100,7 @@ def test_params_from_random_maps_only_raise_value_error(d):
 
 
 def test_every_message_has_a_unique_type_name_and_is_frozen():
-    assert len(m.MESSAGES) == 13
+    assert len(m.MESSAGES) == 15
     for name, cls in m.MESSAGES.items():
         assert name == cls.TYPE and dataclasses.is_dataclass(cls)
         assert cls.__dataclass_params__.frozen
@@ -127,6 +127,8 @@ def test_kv_chunk_knows_its_block_size():
         (lambda: m.Register("w", "router", 1, "h", "x", LAYOUT, "e", 8, 8, "0"), "role"),
         (lambda: m.Register("w", "both", 1, "h", "x", LAYOUT, "e", 8, -1, "0"), "num_blocks"),
         (lambda: m.Heartbeat("w", -1, 0, 0.0, 0, 0, 0), "running"),
+        (lambda: m.Generate("r", [1], {}, "", "", prior_output_ids=[-1]), "prior_output_ids"),
+        (lambda: m.Generate("r", [1], {}, "d", "tcp://d:1", [2]), "recomputed where it decodes"),
         (lambda: m.Generate("r", [1, -2], {}, "", ""), "prompt_token_ids"),
         (lambda: m.KVOpen("r", "p", [-1], {}, LAYOUT), "prompt_token_ids"),
         (lambda: m.TokenOutput("r", "w", [1], [[1, -0.1]], None, None, 0, ""), "logprobs"),

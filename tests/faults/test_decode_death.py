@@ -1,0 +1,62 @@
+"""A decode worker killed mid-stream: the stream goes on, unbroken, on the other decode worker."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from baton.bench.cluster import Cluster
+from tests.faults.conftest import random_prompt
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = Cluster("disagg")
+    try:
+        c.add_worker("p0", "prefill")
+        c.add_worker("d0", "decode")
+        c.add_worker("d1", "decode")
+        yield c
+    finally:
+        c.close()
+
+
+def test_sigkill_of_the_decode_worker_mid_stream_keeps_the_stream(cluster, reference):
+    prompt = random_prompt(1, 40)
+    killed = []
+
+    def kill_after_five(n):
+        if n == 5 and not killed:
+            killed.append(cluster.serving("decode"))
+            cluster.kill(killed[0])
+
+    text, error = cluster.stream(prompt, 40, on_chunk=kill_after_five)
+    assert killed and error is None
+    assert text == reference(prompt, 40)  # greedy output as if nothing had happened
+    assert cluster.worker_states()[killed[0]]["state"] == "dead"
+    # Every block the request held, on the worker that prefilled it and on the one that
+    # finished it, is free again.
+    ws = cluster.wait_idle()
+    assert {w for w, s in ws.items() if s["state"] != "dead"} == {"p0", "d0", "d1"} - set(killed)
+
+
+def test_when_no_decode_worker_is_left_the_stream_ends_with_an_error(cluster):
+    # After the test above one decode worker is left; kill it mid-stream too.
+    live = [w for w, s in cluster.worker_states().items() if s["role"] == "decode"]
+    live = [w for w in live if cluster.worker_states()[w]["state"] == "ready"]
+    assert len(live) == 1
+    killed_at = []
+
+    def kill_after_three(n):
+        if n == 3 and not killed_at:
+            cluster.kill(live[0])
+            killed_at.append(time.monotonic())
+
+    text, error = cluster.stream(random_prompt(2, 30), 200, on_chunk=kill_after_three)
+    assert killed_at and error is not None, text
+    assert time.monotonic() - killed_at[0] < 10  # noticed at once, never a hang
+    assert "no worker is left" in error["message"]
+    assert error["code"] and error["type"]

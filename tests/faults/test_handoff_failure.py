@@ -1,0 +1,81 @@
+"""KV handoffs that fail (refused for lack of KV) or stall (a frozen decode worker): the request
+is recomputed on the decode side, and every block on both sides is freed."""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+
+import httpx
+import pytest
+
+from baton.bench.cluster import Cluster
+from tests.faults.conftest import random_prompt
+
+pytestmark = pytest.mark.slow
+
+
+def kv_failures(cluster) -> float:
+    page = httpx.get(cluster.url + "/metrics", timeout=10).text
+    return float(re.search(r"^baton:kv_transfer_failures_total (\S+)$", page, re.M).group(1))
+
+
+@pytest.fixture
+def small_decode():
+    c = Cluster("disagg")
+    try:
+        c.add_worker("p0", "prefill")
+        c.add_worker("d0", "decode", "--kv-cache-gib", "0.01")
+        yield c
+    finally:
+        c.close()
+
+
+def test_a_refused_handoff_is_recomputed_on_the_decode_side(small_decode, reference):
+    c = small_decode
+    n = c.worker_states()["d0"]["num_blocks"]
+    # A fills the decode worker's KV as it generates; B arrives when too few blocks are free
+    # to take B's prompt, so the decode worker refuses B's KV.
+    a_prompt, a_len = random_prompt(20, 16), (n - 1) * 16 - 16
+    b_prompt = random_prompt(21, 5 * 16)
+    results = {}
+    b_thread = threading.Thread(target=lambda: results.setdefault("b", c.stream(b_prompt, 8)))
+
+    def start_b(k):
+        if k == a_len - 40 and not b_thread.is_alive():
+            b_thread.start()
+
+    results["a"] = c.stream(a_prompt, a_len, on_chunk=start_b)
+    b_thread.join(timeout=120)
+    assert results["a"] == (reference(a_prompt, a_len), None)
+    assert results["b"] == (reference(b_prompt, 8), None)
+    assert kv_failures(c) >= 1  # B's handoff did fail: B took the fallback
+    c.wait_idle()
+
+
+@pytest.fixture
+def frozen_decode():
+    c = Cluster("disagg")
+    try:
+        c.add_worker("p0", "prefill", "--kv-timeout", "1")
+        c.add_worker("d0", "decode", "--kv-timeout", "1")
+        c.add_worker("d1", "decode", "--kv-timeout", "1")
+        yield c
+    finally:
+        c.signal("d0", signal.SIGCONT)
+        c.close()
+
+
+def test_a_stalled_handoff_times_out_and_the_request_still_finishes(frozen_decode, reference):
+    c = frozen_decode
+    c.signal("d0", signal.SIGSTOP)  # d0 looks alive to the router for a few seconds more
+    prompts = [random_prompt(30 + i, 24) for i in range(2)]
+    results = [c.stream(p, 12) for p in prompts]
+    assert results == [(reference(p, 12), None) for p in prompts]
+    assert kv_failures(c) >= 1
+    # Woken up, the frozen worker learns it was given up, drops what it held and rejoins.
+    c.signal("d0", signal.SIGCONT)
+    c.wait_worker("d0", "ready", timeout=30)
+    ws = c.wait_idle()
+    assert ws["d0"]["num_free_blocks"] == ws["d0"]["num_blocks"]
