@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 
@@ -31,6 +32,25 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from baton.server.wire import curve
+
+    try:
+        public_path, secret_path = curve.generate_keys(args.directory)
+    except FileExistsError as e:
+        print(f"baton keys: {e}", file=sys.stderr)
+        return 1
+    public = curve.load_keys(secret_path, env={}).public
+    print(f"public key: {public_path}")
+    print(f"secret key: {secret_path} (mode 0600; copy it to every host, share it with no one)")
+    print("give the router and every worker the pair, as a file:")
+    print(f"  {curve.ENV_SECRET_FILE}={shlex.quote(os.path.abspath(secret_path))}")
+    print("or as two variables (z85 keys hold shell metacharacters, never a quote: keep them):")
+    print(f"  {curve.ENV_PUBLIC}='{public.decode()}'")
+    print(f"  {curve.ENV_SECRET}=<the secret-key value in {os.path.basename(secret_path)}>")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="baton", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     from baton.server.launch import add_subcommands
 
     add_subcommands(sub)
+    keys = sub.add_parser("keys", help="write a CURVE key pair that secures a deployment's links")
+    keys.add_argument("directory", help="where baton.key and baton.key_secret go")
+    keys.set_defaults(func=_keys)
     # NOTE: `baton bench ...` is handed to its own parser in main (it has a `sweep` mode);
     # this entry only lists it in `baton --help`.
     sub.add_parser("bench", help="serving benchmark against any OpenAI-compatible server")
