@@ -40,6 +40,24 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_security_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--curve-key-file",
+        default=None,
+        help="CURVE-secure every ZeroMQ link with this secret key file (see `baton keys`); "
+        "default: $BATON_CURVE_SECRET_KEY_FILE, or the key pair in $BATON_CURVE_PUBLIC_KEY and "
+        "$BATON_CURVE_SECRET_KEY; none: plain links",
+    )
+
+
+def _curve_keys(args):
+    from baton.server.wire.curve import load_keys
+
+    keys = load_keys(args.curve_key_file)
+    logger.info("ZeroMQ links: %s", "CURVE (encrypted, authenticated)" if keys else "plain")
+    return keys
+
+
 def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
@@ -103,6 +121,7 @@ def _serve_config(args, control: str):
             heartbeat_timeout_s=args.heartbeat_timeout,
             max_num_requests=args.max_num_requests,
             request_timeout_s=args.request_timeout,
+            curve=_curve_keys(args),
         ),
     )
 
@@ -121,6 +140,8 @@ def run_worker(args) -> int:
         parent_pid=args.parent_pid,
         drain_timeout_s=args.drain_timeout,
         kv_timeout_s=args.kv_timeout,
+        register_timeout_s=args.register_timeout,
+        curve=_curve_keys(args),
         **kw,
     )
     worker = Worker(cfg)
@@ -157,6 +178,8 @@ def worker_command(args, role: str, router: str, index: int, num_workers: int) -
     cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     cmd += ["--worker-id", f"{role}-{index}-{os.getpid()}", "--parent-pid", str(os.getpid())]
     cmd += ["--drain-timeout", str(args.drain_timeout), "--kv-timeout", str(args.kv_timeout)]
+    if args.curve_key_file:
+        cmd += ["--curve-key-file", args.curve_key_file]
     for flag, value in (
         ("--device", args.device),
         ("--max-model-len", args.max_model_len),
@@ -226,6 +249,7 @@ def add_subcommands(sub) -> None:
     add_model_args(serve)
     add_engine_args(serve)
     add_router_args(serve)
+    add_security_args(serve)
     serve.add_argument("--prefill-workers", type=int, default=1)
     serve.add_argument("--decode-workers", type=int, default=1)
     serve.add_argument("--workers", type=int, default=1, help="colocated mode: pool size")
@@ -236,6 +260,7 @@ def add_subcommands(sub) -> None:
     router = sub.add_parser("router", help="the HTTP router alone; workers join it")
     add_model_args(router)
     add_router_args(router)
+    add_security_args(router)
     router.add_argument(
         "--control",
         default="tcp://127.0.0.1:8001",
@@ -246,10 +271,14 @@ def add_subcommands(sub) -> None:
     worker = sub.add_parser("worker", help="one prefill, decode or colocated worker")
     add_model_args(worker)
     add_engine_args(worker)
+    add_security_args(worker)
     worker.add_argument("--role", required=True, choices=["prefill", "decode", "both"])
     worker.add_argument("--router", required=True, help="e.g. tcp://ROUTER_HOST:8001")
     worker.add_argument("--kv-host", default="127.0.0.1", help="address peers reach this on")
     worker.add_argument("--kv-port", type=int, default=0)
+    worker.add_argument(
+        "--register-timeout", type=float, default=60.0, help="seconds to wait for the router"
+    )
     worker.add_argument("--worker-id", default=None)
     worker.add_argument(
         "--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish the work"

@@ -25,7 +25,7 @@ from baton.scheduler.placement import Pool, WorkerState
 from baton.scheduler.sampling_params import SamplingParams
 from baton.server.api.backend import NoWorkerAvailable, Overloaded, RequestFailed, TokenEvent
 from baton.server.router.stream import Stream, WorkerLost
-from baton.server.wire import codec
+from baton.server.wire import codec, curve
 from baton.server.wire import messages as m
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class RouterConfig:
     max_num_requests: int = 4096  # in flight at once; past it, 429 at once
     request_timeout_s: float | None = None  # a request's deadline (None: none)
     max_attempts: int = 4  # per request: its first placement and up to 3 failovers
+    curve: curve.CurveKeys | None = None  # set: workers must hold the deployment keys
 
 
 class ZmqBackend:
@@ -60,7 +61,9 @@ class ZmqBackend:
         self.metrics = metrics
         self.pool = Pool(config.mode, config.model)
         self.ctx = zmq.asyncio.Context()
+        self.auth = curve.start_authenticator(self.ctx, config.curve)
         self.sock = self.ctx.socket(zmq.ROUTER)
+        curve.secure_server(self.sock, config.curve)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         host, _, port = config.control.rpartition(":")
@@ -91,6 +94,8 @@ class ZmqBackend:
         self.sock.disable_monitor()
         self.monitor.close(0)
         self.sock.close(0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
 
     async def _send(self, worker_id: str, msg) -> bool:

@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass, field
 
 from baton.server.config import EngineConfig
+from baton.server.wire.curve import CurveKeys
 
 ROLES = ("prefill", "decode", "both")
 
@@ -26,6 +27,7 @@ class WorkerConfig:
     # When set, the worker stops once this process is no longer its parent: the `baton serve`
     # that started it went away, even by SIGKILL, and must not leave a worker behind.
     parent_pid: int = 0
+    curve: CurveKeys | None = None  # set: every link (router, KV peers) is CURVE-secured
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

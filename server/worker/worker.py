@@ -21,7 +21,7 @@ import zmq
 
 from baton.server.engine import LLMEngine
 from baton.server.outputs import RequestOutput
-from baton.server.wire import codec
+from baton.server.wire import codec, curve
 from baton.server.wire import messages as m
 from baton.server.wire.kv_blocks import block_frames, frames_checksum, layout_of, write_blocks
 from baton.server.worker.config import WorkerConfig
@@ -50,17 +50,17 @@ class Worker:
         self.id = config.worker_id
         self.engine = engine or LLMEngine(config.engine)
         self.ctx = zmq.Context()
-        self.ctrl = self.ctx.socket(zmq.DEALER)
-        self.ctrl.setsockopt(zmq.IDENTITY, self.id.encode())
-        self.ctrl.setsockopt(zmq.LINGER, 0)
-        self.ctrl.connect(config.router)
+        self.auth = None  # the ZAP handler of the KV socket, when it is a CURVE server
+        self.ctrl = self._client(config.router, self.id.encode())
         self.poller = zmq.Poller()
         self.poller.register(self.ctrl, zmq.POLLIN)
         self.kv: zmq.Socket | None = None
         self.kv_endpoint = ""
         if config.role in ("decode", "both"):
+            self.auth = curve.start_authenticator(self.ctx, config.curve)
             self.kv = self.ctx.socket(zmq.ROUTER)
             self.kv.setsockopt(zmq.LINGER, 0)
+            curve.secure_server(self.kv, config.curve)
             port = config.kv_port or self.kv.bind_to_random_port(f"tcp://{config.kv_host}")
             if config.kv_port:
                 self.kv.bind(f"tcp://{config.kv_host}:{port}")
@@ -76,6 +76,16 @@ class Worker:
         self._last_timeout_check = 0.0
         self._stop_beats = threading.Event()
         self._beat_now = threading.Event()
+
+    def _client(self, endpoint: str, identity: bytes | None = None) -> zmq.Socket:
+        """A DEALER connected to `endpoint`, presenting the deployment keys when CURVE is on."""
+        sock = self.ctx.socket(zmq.DEALER)
+        if identity is not None:
+            sock.setsockopt(zmq.IDENTITY, identity)
+        sock.setsockopt(zmq.LINGER, 0)
+        curve.secure_client(sock, self.config.curve)
+        sock.connect(endpoint)
+        return sock
 
     @property
     def draining(self) -> bool:
@@ -158,10 +168,7 @@ class Worker:
         """Heartbeats from their own thread and socket, so one long engine step (a big prefill
         chunk on a CPU) never looks like a dead worker. The router knows the socket by the
         `/beat` suffix of this worker's id."""
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, f"{self.id}/beat".encode())
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(self.config.router)
+        sock = self._client(self.config.router, f"{self.id}/beat".encode())
         try:
             while not self._stop_beats.is_set():
                 sock.send_multipart(codec.encode(self._heartbeat()), copy=False)
@@ -175,6 +182,8 @@ class Worker:
         for sock in [self.ctrl, self.kv, *self.peers.values()]:
             if sock is not None:
                 sock.close(0)
+        if self.auth is not None:
+            self.auth.stop()
         self.ctx.term()
 
     def run_once(self) -> None:
@@ -343,9 +352,7 @@ class Worker:
     def _send_peer(self, endpoint: str, msg, payload=()) -> None:
         sock = self.peers.get(endpoint)
         if sock is None:
-            sock = self.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(endpoint)
+            sock = self._client(endpoint)
             self.peers[endpoint] = sock
             self.poller.register(sock, zmq.POLLIN)
         sock.send_multipart(codec.encode(msg, payload), copy=False)
