@@ -59,6 +59,7 @@ def empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -
         net = LlamaForCausalLM(config).to(dtype)
     net.to_empty(device=device)
     net.tie_weights()  # to_empty gives each module its own tensor
+    net.fuse_projections()  # views of the final tensors: loading fills the fused weights
     for m in net.modules():
         if isinstance(m, RotaryEmbedding):
             m.reset_cache()

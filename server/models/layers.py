@@ -41,9 +41,43 @@ class Linear(nn.Linear):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _ONEDNN_LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu":
-            return _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if _ONEDNN_LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class FusedRows:
+    """Linears that read the same input, run as one GEMM over their stacked weights.
+
+    NOTE: the linears' parameters become row views of the stacked tensors, so they keep their
+    HF names (loading is unchanged: a copy into a view fills the stack) and no memory is
+    doubled. Build it after the parameters have their final device and dtype: moving them
+    later would give them storage of their own and leave the stack stale.
+    """
+
+    def __init__(self, *linears: nn.Linear) -> None:
+        self.sizes = [m.out_features for m in linears]
+        self.weight = self._stack([m.weight for m in linears])
+        has_bias = [m.bias is not None for m in linears]
+        if any(has_bias) and not all(has_bias):
+            raise ValueError("fused linears must all have a bias or none")
+        self.bias = self._stack([m.bias for m in linears]) if all(has_bias) else None
+
+    @staticmethod
+    def _stack(params: list[nn.Parameter]) -> torch.Tensor:
+        stacked = torch.cat([p.detach() for p in params])
+        start = 0
+        for p in params:
+            p.data = stacked[start : start + p.shape[0]]
+            start += p.shape[0]
+        return stacked
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
 class RMSNorm(nn.Module):
@@ -69,6 +103,9 @@ class RMSNorm(nn.Module):
         if residual is not None:
             x = x + residual
             residual = x
+        if x.dtype == torch.float32:  # one kernel, the same arithmetic as below
+            out = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+            return out if residual is None else (out, residual)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         out = self.weight * h.to(x.dtype)

@@ -10,6 +10,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_
 
 from baton.server.models import layers
 from baton.server.models.layers import (
+    FusedRows,
     Linear,
     RMSNorm,
     RotaryEmbedding,
@@ -98,3 +99,26 @@ def test_rope_cache_stays_fp32_and_follows_the_device():
     assert rope.cos_cache.dtype == torch.float32 and rope.cos_cache.shape == (64, 8)
     cos, sin = rope(torch.tensor([3]), torch.bfloat16)
     assert cos.dtype == sin.dtype == torch.bfloat16 and cos.shape == (1, 1, 16)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_rows_equal_the_separate_linears_and_follow_their_loads(bias):
+    torch.manual_seed(0)
+    parts = [Linear(16, n, bias=bias) for n in (8, 4, 4)]
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        expected = [m(x) for m in parts]
+        fused = FusedRows(*parts)
+        for got, want in zip(fused(x), expected, strict=True):
+            torch.testing.assert_close(got, want)
+        # the parameters are views of the stack: loading one (a copy into it) updates the stack
+        new = torch.randn(4, 16)
+        parts[1].weight.copy_(new)
+        torch.testing.assert_close(fused(x)[1], parts[1](x))
+        torch.testing.assert_close(fused.weight[8:12], new)
+    assert parts[2].weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
+
+
+def test_fused_rows_refuse_a_mix_of_biases():
+    with pytest.raises(ValueError, match="bias"):
+        FusedRows(Linear(4, 4, bias=True), Linear(4, 4, bias=False))

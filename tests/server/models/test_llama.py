@@ -168,6 +168,23 @@ def test_tied_head_shares_the_embedding(variant):
     assert ("model.layers.0.self_attn.q_proj.bias" in names) == (model.config.model_type == "qwen2")
 
 
+def test_loaded_models_run_fused_projections_over_their_own_parameters(variant):
+    model, _ = variant
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for fused, parts in (
+            (attn.qkv, (attn.q_proj, attn.k_proj, attn.v_proj)),
+            (mlp.gate_up, (mlp.gate_proj, mlp.up_proj)),
+        ):
+            assert fused is not None
+            storage = fused.weight.untyped_storage().data_ptr()
+            assert all(p.weight.untyped_storage().data_ptr() == storage for p in parts)
+            if parts[0].bias is not None:
+                assert parts[2].bias.untyped_storage().data_ptr() == (
+                    fused.bias.untyped_storage().data_ptr()
+                )
+
+
 def test_load_weights_checks_names_and_shapes():
     from baton.server.model_config import ModelConfig
     from baton.server.models.llama import LlamaForCausalLM
