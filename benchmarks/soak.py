@@ -1,0 +1,246 @@
+"""A bounded soak: thousands of requests while clients disconnect, abort, and workers are killed.
+
+A router, prefill and decode workers run as separate processes on loopback (smollm2 on CPU by
+default). Clients send short streamed and non-streamed completions at a fixed concurrency; some
+disconnect after a few chunks, some give up (client timeout) before the answer. Every
+`--kill-every` seconds a worker is killed with SIGKILL (prefill and decode in turn) and a fresh
+one started in its place. At the end, with no load left:
+
+- every request is accounted for: completed, failed with an error the server sent (by kind), or
+  cut off by its own client on purpose; none hangs (each has a hard client timeout);
+- every live worker's KV usage is back to zero (leaked blocks must be 0), nothing is running,
+  waiting or assigned;
+- the RSS of the router and of each worker that lived through the whole soak, after warm-up and
+  at the end, so a leak shows as growth.
+
+    python benchmarks/soak.py                                   # ~2000 requests, a few minutes
+    python benchmarks/soak.py --num-requests 300 --kill-every 10 --output /tmp/soak.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import random
+import signal
+import sys
+import time
+
+import httpx
+from common import save_result
+
+from baton.bench.cluster import Cluster, rss_bytes
+
+
+class Soak:
+    def __init__(self, args, cluster: Cluster) -> None:
+        self.args = args
+        self.c = cluster
+        self.rng = random.Random(args.seed)
+        self.outcomes: collections.Counter[str] = collections.Counter()
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.kills: list[dict] = []
+        self.done = 0
+
+    def body(self) -> dict:
+        rng = self.rng
+        prompt = [rng.randrange(1000, 30000) for _ in range(rng.randint(4, self.args.max_prompt))]
+        return self.c.body(prompt, rng.randint(1, self.args.max_tokens))
+
+    async def one(self, client: httpx.AsyncClient) -> None:
+        rng = self.rng
+        body = self.body()
+        kind = rng.choices(["stream", "plain", "disconnect", "give_up"], self.args.mix)[0]
+        try:
+            if kind == "give_up":  # the client stops waiting; the server must clean up
+                try:
+                    await client.post(
+                        self.c.url + "/v1/completions", json=body, timeout=rng.uniform(0.05, 0.5)
+                    )
+                    self.outcomes["completed"] += 1
+                except httpx.TimeoutException:
+                    self.outcomes["client_gave_up"] += 1
+                return
+            if kind == "plain":
+                r = await client.post(self.c.url + "/v1/completions", json=body)
+                if r.status_code == 200:
+                    self.outcomes["completed"] += 1
+                else:
+                    self._failed(f"HTTP {r.status_code} {r.json()['error'].get('code')}")
+                return
+            body["stream"] = True
+            cut = rng.randint(1, 3) if kind == "disconnect" else None
+            async with client.stream("POST", self.c.url + "/v1/completions", json=body) as r:
+                if r.status_code != 200:
+                    await r.aread()
+                    self._failed(f"HTTP {r.status_code} {r.json()['error'].get('code')}")
+                    return
+                chunks = 0
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        self._failed(f"stream error {event['error'].get('code')}")
+                        return
+                    chunks += 1
+                    if cut is not None and chunks >= cut:
+                        self.outcomes["client_disconnected"] += 1
+                        return  # leaving the block closes the connection mid-stream
+            self.outcomes["completed"] += 1
+        except httpx.TimeoutException:
+            self.outcomes["hung"] += 1  # the server never finished within the hard timeout
+        except httpx.HTTPError as e:
+            self._failed(f"transport {type(e).__name__}")
+        finally:
+            self.done += 1
+
+    def _failed(self, why: str) -> None:
+        self.outcomes["failed"] += 1
+        self.errors[why] += 1
+
+    async def clients(self) -> None:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(self.args.num_requests):
+            queue.put_nowait(i)
+        limits = httpx.Limits(max_connections=self.args.concurrency * 2)
+        async with httpx.AsyncClient(timeout=self.args.request_timeout, limits=limits) as client:
+
+            async def worker() -> None:
+                while not queue.empty():
+                    queue.get_nowait()
+                    await self.one(client)
+
+            await asyncio.gather(*(worker() for _ in range(self.args.concurrency)))
+
+    async def killer(self, finished: asyncio.Event) -> None:
+        """Kill a prefill then a decode worker, and so on, each replaced at once."""
+        roles = ["prefill", "decode"]
+        n = 0
+        while not finished.is_set():
+            try:
+                await asyncio.wait_for(finished.wait(), self.args.kill_every)
+                return
+            except TimeoutError:
+                pass
+            role = roles[n % 2]
+            victim = next(name for name in sorted(self.c.workers) if self._live(name, role))
+            await asyncio.to_thread(self.c.kill, victim)
+            n += 1
+            fresh = f"{role[0]}{len(self.c.workers)}"
+            self.kills.append({"t": time.monotonic(), "killed": victim, "started": fresh})
+            print(f"\nkilled {victim} after {self.done} requests; starting {fresh}", flush=True)
+            await asyncio.to_thread(self.c.add_worker, fresh, role, *self.args.worker_args)
+
+    def _live(self, name: str, role: str) -> bool:
+        return name.startswith(role[0]) and self.c.workers[name].poll() is None
+
+    async def progress(self, finished: asyncio.Event) -> None:
+        while not finished.is_set():
+            await asyncio.sleep(5)
+            print(f"\r{self.done}/{self.args.num_requests} {dict(self.outcomes)}", end="")
+            sys.stdout.flush()
+
+    async def run(self) -> float:
+        finished = asyncio.Event()
+        t0 = time.monotonic()
+        side = [
+            asyncio.create_task(self.killer(finished)),
+            asyncio.create_task(self.progress(finished)),
+        ]
+        try:
+            await self.clients()
+        finally:
+            finished.set()
+            await asyncio.gather(*side)
+        return time.monotonic() - t0
+
+
+def rss_of(c: Cluster) -> dict[str, int]:
+    procs = {"router": c.router, **{n: p for n, p in c.workers.items() if p.poll() is None}}
+    return {name: rss_bytes(p.pid) for name, p in procs.items()}
+
+
+def warm_up(c: Cluster, n: int) -> None:
+    rng = random.Random(12345)
+    for _ in range(n):
+        c.complete([rng.randrange(1000, 30000) for _ in range(16)], 8)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--num-requests", type=int, default=2000)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--max-prompt", type=int, default=48, help="prompt tokens: 4..this")
+    p.add_argument("--max-tokens", type=int, default=16, help="output tokens: 1..this")
+    p.add_argument(
+        "--mix",
+        nargs=4,
+        type=float,
+        default=[0.5, 0.2, 0.2, 0.1],
+        metavar=("STREAM", "PLAIN", "DISCONNECT", "GIVE_UP"),
+        help="weights of the request kinds",
+    )
+    p.add_argument("--prefill-workers", type=int, default=1)
+    p.add_argument("--decode-workers", type=int, default=2)
+    p.add_argument("--kill-every", type=float, default=45.0, help="seconds between worker kills")
+    p.add_argument("--request-timeout", type=float, default=120.0, help="a hung request's limit")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="default: results/soak.json")
+    args = p.parse_args()
+    args.worker_args = ["--kv-cache-gib", "0.25"]
+
+    c = Cluster("disagg", ("--max-num-requests", str(args.concurrency * 4)))
+    try:
+        for i in range(args.prefill_workers):
+            c.add_worker(f"p{i}", "prefill", *args.worker_args)
+        for i in range(args.decode_workers):
+            c.add_worker(f"d{i}", "decode", *args.worker_args)
+        warm_up(c, 8)
+        rss_before = rss_of(c)
+        soak = Soak(args, c)
+        seconds = asyncio.run(soak.run())
+        print()
+        states = c.wait_idle(timeout=60)
+        live = {n: s for n, s in states.items() if s["state"] != "dead"}
+        leaked = {n: s["num_blocks"] - s["num_free_blocks"] for n, s in live.items()}
+        rss_after = rss_of(c)
+        lived_through = sorted(set(rss_before) & set(rss_after))
+        growth = {n: rss_after[n] - rss_before[n] for n in lived_through}
+        accounted = sum(soak.outcomes.values())
+        result = {
+            "args": {k: v for k, v in vars(args).items()},
+            "seconds": seconds,
+            "requests": args.num_requests,
+            "accounted": accounted,
+            "outcomes": dict(soak.outcomes),
+            "failures_by_kind": dict(soak.errors),
+            "kills": len(soak.kills),
+            "kill_log": soak.kills,
+            "leaked_blocks": leaked,
+            "kv_leak_total": sum(leaked.values()),
+            "live_workers": sorted(live),
+            "rss_before_mib": {n: v / 2**20 for n, v in rss_before.items()},
+            "rss_after_mib": {n: v / 2**20 for n, v in rss_after.items()},
+            "rss_growth_mib": {n: v / 2**20 for n, v in growth.items()},
+        }
+    finally:
+        c.close()
+    out = save_result("soak", result, args.output)
+    print(
+        f"{accounted}/{args.num_requests} requests in {seconds:.0f} s: {dict(soak.outcomes)}; "
+        f"failures {dict(soak.errors)}; {len(soak.kills)} kills; KV leak "
+        f"{result['kv_leak_total']} blocks; RSS growth (MiB) "
+        + ", ".join(f"{n} {v:+.1f}" for n, v in result["rss_growth_mib"].items())
+    )
+    print(f"saved {out}")
+    ok = result["kv_leak_total"] == 0 and accounted == args.num_requests
+    ok = ok and soak.outcomes.get("hung", 0) == 0
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    main()
