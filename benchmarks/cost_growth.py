@@ -213,25 +213,24 @@ def plot(results: dict, path: Path) -> None:
                 label="KV handoff (disagg)",
             )
             ax.set(xscale="log", yscale="log", xlabel="prompt tokens", ylabel="ms")
+            ax.set_xticks(n, labels=[str(x) for x in n])
+            ax.xaxis.set_minor_locator(plt.NullLocator())
             ax.set_title("TTFT and KV handoff vs prompt length")
         else:
             o = results["overhead"]
             modes = ("colocated", "disagg")
-            x = range(len(modes))
-            ax.bar(
-                [i - 0.2 for i in x],
-                [o[m]["per_request_s"] * 1e3 for m in modes],
-                0.4,
-                label="per request (ms)",
-            )
-            ax.bar(
-                [i + 0.2 for i in x],
-                [o[m]["per_token_s"] * 1e3 for m in modes],
-                0.4,
-                label="per token (ms)",
-            )
-            ax.set_xticks(list(x), labels=modes)
-            ax.set_title("Added by the server vs the offline engine")
+            lens = sorted(o[modes[0]]["added_median_s"], key=int)
+            width = 0.8 / len(lens)
+            for j, n in enumerate(lens):
+                ax.bar(
+                    [i - 0.4 + width * (j + 0.5) for i in range(len(modes))],
+                    [o[m]["added_median_s"][n] * 1e3 for m in modes],
+                    width,
+                    label=f"{n} output tokens",
+                )
+            ax.set_xticks(range(len(modes)), labels=modes)
+            ax.set(ylabel="ms added per request (median)")
+            ax.set_title("Served E2E minus offline E2E")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
