@@ -47,6 +47,25 @@ def _generation(body: type) -> dict:
     return {200: {"model": body, "content": sse}, **_ERRORS}
 
 
+class CountErrors:
+    """Counts every answer of status 400 and up (the outermost layer: it sees them all)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counted(message) -> None:
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.metrics.observe_error(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 class BearerAuth:
     """With an API key configured, /v1/* needs `Authorization: Bearer <key>`. Checked before
     the body is read, so a bad key is a 401 whatever the body holds."""
@@ -84,6 +103,7 @@ def build_app(
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key:
         app.add_middleware(BearerAuth, api_key=api_key)
+    app.add_middleware(CountErrors, metrics=metrics)
 
     @app.post("/v1/completions", responses=_generation(p.CompletionResponse))
     async def completions(req: p.CompletionRequest, request: Request) -> Response:

@@ -8,6 +8,7 @@ from `backend.workers()` at scrape time, so a worker that left disappears from t
 from __future__ import annotations
 
 import logging
+from collections import Counter as Counter_
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -47,22 +48,33 @@ class _WorkerGauges:
 
     def describe(self):
         labels = ["worker", "role"]
-        return [GaugeMetricFamily(name, doc, labels=labels) for name, doc, _ in _WORKER_GAUGES]
+        families = [GaugeMetricFamily(n, doc, labels=labels) for n, doc, _ in _WORKER_GAUGES]
+        families.append(
+            GaugeMetricFamily(
+                "baton:workers", "Registered workers by role and state.", labels=["role", "state"]
+            )
+        )
+        return families
 
     def collect(self):
-        families = self.describe()
+        *families, counts = self.describe()
         try:
             workers = self.source() if self.source is not None else []
         except Exception:
             logger.exception("workers() failed during a metrics scrape")
             workers = []
+        by_state = Counter_((str(w.get("role", "")), str(w.get("state", ""))) for w in workers)
+        for (role, state), n in sorted(by_state.items()):
+            counts.add_metric([role, state], float(n))
         for w in workers:
+            if w.get("state") == "dead":  # runs nothing; its last report would mislead
+                continue
             labels = [str(w.get("id", "")), str(w.get("role", ""))]
             for fam, (_, _, key) in zip(families, _WORKER_GAUGES, strict=True):
                 value = w.get(key)
                 if isinstance(value, int | float):
                     fam.add_metric(labels, float(value))
-        return families
+        return [*families, counts]
 
 
 class Metrics:
@@ -124,6 +136,17 @@ class Metrics:
         self.kv_failures = Counter(
             "baton:kv_transfer_failures", "KV handoffs that failed.", registry=r
         )
+        self.request_errors = Counter(
+            "baton:request_errors",
+            "Requests answered with an error (the HTTP status, or a stream's error event's).",
+            ["status"],
+            registry=r,
+        )
+        self.worker_losses = Counter(
+            "baton:worker_losses",
+            "Workers lost while registered (died, went silent, or left); their requests resumed.",
+            registry=r,
+        )
         self._workers = _WorkerGauges()
         r.register(self._workers)
         self._prefix_totals: dict[str, tuple[int, int]] = {}
@@ -153,7 +176,13 @@ class Metrics:
         self.generation_tokens.inc(num_tokens)
         self.request_success.labels(finished_reason=finish_reason).inc()
 
+    def observe_error(self, status: int) -> None:
+        self.request_errors.labels(status=str(status)).inc()
+
     # ---- reported by the backend ----------------------------------------------------------
+
+    def observe_worker_lost(self) -> None:
+        self.worker_losses.inc()
 
     def observe_queue_time(self, seconds: float) -> None:
         self.queue_time.observe(seconds)

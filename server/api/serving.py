@@ -207,6 +207,7 @@ class Serving:
                 err = APIError(500, "internal error")
             else:
                 logger.warning("request %s failed while streaming: %s", fmt.id, e)
+            self.metrics.observe_error(err.status)
             yield f"data: {json.dumps(error_body(err.status, err.message, code=err.code))}\n\n"
         finally:
             # NOTE: a disconnect cancels us inside a cancelled anyio scope: shield the aborts.

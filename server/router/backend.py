@@ -231,6 +231,8 @@ class ZmqBackend:
         w = self.pool.workers.get(worker_id)
         if w is None:
             return
+        if w.state != "dead" and self.metrics is not None:
+            self.metrics.observe_worker_lost()
         w.state = "dead"
         for fd in [fd for fd, wid in self._peer_fds.items() if wid == worker_id]:
             del self._peer_fds[fd]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import time
 
+import httpx
 import pytest
 
 from baton.bench.cluster import Cluster
@@ -60,3 +62,8 @@ def test_when_no_decode_worker_is_left_the_stream_ends_with_an_error(cluster):
     assert time.monotonic() - killed_at[0] < 10  # noticed at once, never a hang
     assert "no worker is left" in error["message"]
     assert error["code"] and error["type"]
+    # the error event is counted with its status, and both lost workers are
+    page = httpx.get(cluster.url + "/metrics", timeout=10).text
+    assert re.search(r'^baton:request_errors_total\{status="503"\} 1\.0$', page, re.M), page
+    assert re.search(r"^baton:worker_losses_total 2\.0$", page, re.M), page
+    assert re.search(r'^baton:workers\{role="decode",state="dead"\} 2\.0$', page, re.M), page

@@ -93,3 +93,35 @@ def test_a_failing_workers_call_does_not_break_the_scrape():
     m = samples(metrics.render().decode())
     assert not any(k[0] == "baton:num_requests_running" for k in m)
     assert ("baton:prompt_tokens_total",) in m
+
+
+def test_workers_are_counted_by_state_and_dead_ones_report_no_gauges():
+    metrics = Metrics()
+    workers = [
+        {"id": "p0", "role": "prefill", "state": "ready", "running": 1, "kv_usage": 0.1},
+        {"id": "d0", "role": "decode", "state": "ready", "running": 2, "kv_usage": 0.5},
+        {"id": "d1", "role": "decode", "state": "dead", "running": 9, "kv_usage": 0.9},
+        {"id": "d2", "role": "decode", "state": "draining", "running": 1, "kv_usage": 0.2},
+    ]
+    metrics.watch_workers(lambda: workers)
+    m = samples(metrics.render().decode())
+    assert m[("baton:workers", ("role", "decode"), ("state", "ready"))] == 1
+    assert m[("baton:workers", ("role", "decode"), ("state", "dead"))] == 1
+    assert m[("baton:workers", ("role", "decode"), ("state", "draining"))] == 1
+    assert m[("baton:workers", ("role", "prefill"), ("state", "ready"))] == 1
+    assert ("baton:kv_cache_usage_perc", ("role", "decode"), ("worker", "d1")) not in m
+    assert m[("baton:kv_cache_usage_perc", ("role", "decode"), ("worker", "d2"))] == 0.2
+    metrics.observe_worker_lost()
+    assert samples(metrics.render().decode())[("baton:worker_losses_total",)] == 1
+
+
+def test_every_error_answer_is_counted_by_status(fresh):
+    assert fresh.post("/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
+    bad = {"model": ALIAS, "prompt": "x", "temperature": -1}
+    assert fresh.post("/v1/completions", json=bad).status_code == 400
+    assert fresh.post("/v1/completions", json=bad).status_code == 400
+    fresh.client().completions.create(model=ALIAS, prompt=PROMPT, max_tokens=4)  # not an error
+    m = samples(fresh.get("/metrics").text)
+    assert m[("baton:request_errors_total", ("status", "400"))] == 2
+    assert m[("baton:request_errors_total", ("status", "404"))] == 1
+    assert not any(k[0] == "baton:request_errors_total" and k[1][1] == "200" for k in m)
