@@ -141,6 +141,8 @@ def run_worker(args) -> int:
         drain_timeout_s=args.drain_timeout,
         kv_timeout_s=args.kv_timeout,
         register_timeout_s=args.register_timeout,
+        health_host=args.health_host,
+        health_port=args.health_port,
         curve=_curve_keys(args),
         **kw,
     )
@@ -279,6 +281,13 @@ def add_subcommands(sub) -> None:
     worker.add_argument(
         "--register-timeout", type=float, default=60.0, help="seconds to wait for the router"
     )
+    worker.add_argument(
+        "--health-port",
+        type=int,
+        default=None,
+        help="serve HTTP probes here: /health (ready: registered, not draining), /live",
+    )
+    worker.add_argument("--health-host", default="127.0.0.1", help="where the probes listen")
     worker.add_argument("--worker-id", default=None)
     worker.add_argument(
         "--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish the work"

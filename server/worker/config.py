@@ -27,6 +27,8 @@ class WorkerConfig:
     # When set, the worker stops once this process is no longer its parent: the `baton serve`
     # that started it went away, even by SIGKILL, and must not leave a worker behind.
     parent_pid: int = 0
+    health_host: str = "127.0.0.1"  # where the HTTP probes listen (see worker/health.py)
+    health_port: int | None = None  # None: no probes; 0: any free port
     curve: CurveKeys | None = None  # set: every link (router, KV peers) is CURVE-secured
 
     def __post_init__(self) -> None:

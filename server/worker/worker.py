@@ -26,6 +26,7 @@ from baton.server.wire import messages as m
 from baton.server.wire.kv_blocks import block_frames, frames_checksum, layout_of, write_blocks
 from baton.server.worker.config import WorkerConfig
 from baton.server.worker.handoff import Incoming, Outgoing
+from baton.server.worker.health import HealthServer
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,10 @@ class Worker:
         self.incoming: dict[str, Incoming] = {}
         self.running = True
         self.registered = False
+        self.last_tick = time.monotonic()  # the loop's last turn (the liveness probe)
+        self.health: HealthServer | None = None
+        if config.health_port is not None:
+            self.health = HealthServer(self, config.health_host, config.health_port, config.role)
         self.drain_deadline: float | None = None  # set by drain()
         self._last_parent_check = 0.0
         self._last_timeout_check = 0.0
@@ -133,6 +138,8 @@ class Worker:
 
     def run(self) -> None:
         beats = threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True)
+        if self.health is not None:
+            self.health.start()
         try:
             self.register()
             beats.start()
@@ -184,9 +191,12 @@ class Worker:
                 sock.close(0)
         if self.auth is not None:
             self.auth.stop()
+        if self.health is not None:
+            self.health.stop()
         self.ctx.term()
 
     def run_once(self) -> None:
+        self.last_tick = time.monotonic()
         busy = self.engine.has_unfinished_requests()
         events = dict(self.poller.poll(0 if busy else 20))
         if self.ctrl in events:
