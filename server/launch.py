@@ -130,6 +130,12 @@ def run_worker(args) -> int:
     from baton.server.worker.config import WorkerConfig
     from baton.server.worker.worker import Worker
 
+    if args.threads:
+        import torch
+
+        # NOTE: several workers on one CPU each default to every core, and their OpenMP
+        # threads then spin against each other.
+        torch.set_num_threads(args.threads)
     kw = {"worker_id": args.worker_id} if args.worker_id else {}
     cfg = WorkerConfig(
         role=args.role,
@@ -183,6 +189,7 @@ def worker_command(args, role: str, router: str, index: int, num_workers: int) -
     if args.curve_key_file:
         cmd += ["--curve-key-file", args.curve_key_file]
     for flag, value in (
+        ("--threads", args.worker_threads),
         ("--device", args.device),
         ("--max-model-len", args.max_model_len),
         ("--gpu-memory-utilization", args.gpu_memory_utilization),
@@ -256,6 +263,9 @@ def add_subcommands(sub) -> None:
     serve.add_argument("--decode-workers", type=int, default=1)
     serve.add_argument("--workers", type=int, default=1, help="colocated mode: pool size")
     serve.add_argument("--drain-timeout", type=float, default=30.0, help="workers' SIGTERM drain")
+    serve.add_argument(
+        "--worker-threads", type=int, default=None, help="CPU threads per worker (default: all)"
+    )
     serve.add_argument("--kv-timeout", type=float, default=60.0, help="stalled KV handoff limit")
     serve.set_defaults(func=run_serve)
 
@@ -288,6 +298,9 @@ def add_subcommands(sub) -> None:
         help="serve HTTP probes here: /health (ready: registered, not draining), /live",
     )
     worker.add_argument("--health-host", default="127.0.0.1", help="where the probes listen")
+    worker.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for the model (default: all)"
+    )
     worker.add_argument("--worker-id", default=None)
     worker.add_argument(
         "--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish the work"

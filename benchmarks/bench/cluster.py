@@ -19,7 +19,17 @@ from pathlib import Path
 import httpx
 
 BASE = ["--model", "smollm2", "--max-model-len", "2048"]
-WORKER = ["--device", "cpu", "--dtype", "float32", "--max-num-batched-tokens", "256"]
+# NOTE: one CPU thread each: several workers share this machine's cores
+WORKER = [
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--max-num-batched-tokens",
+    "256",
+    "--threads",
+    "1",
+]
 
 
 def free_port() -> int:
