@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test lint format serve clean
+.PHONY: install test lint format serve clean deploy-tools deploy-check
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -15,7 +15,17 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+# promtool comes from Debian's prometheus package (the Python tools are in the dev extras).
+deploy-tools: install
+	@command -v promtool >/dev/null || { \
+		echo "installing promtool (Debian package prometheus)"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+deploy-check: deploy-tools
+	$(PY) deploy/check.py
+
+test: install deploy-tools
 	$(PY) -m pytest -q
 
 lint: install

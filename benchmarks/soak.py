@@ -10,8 +10,8 @@ one started in its place. At the end, with no load left:
   cut off by its own client on purpose; none hangs (each has a hard client timeout);
 - every live worker's KV usage is back to zero (leaked blocks must be 0), nothing is running,
   waiting or assigned;
-- the RSS of the router and of each worker that lived through the whole soak, after warm-up and
-  at the end, so a leak shows as growth.
+- the RSS of the router and of the worker of each pool that is never killed (p0, d0), after
+  warm-up and at the end, so a leak shows as growth.
 
     python benchmarks/soak.py                                   # ~2000 requests, a few minutes
     python benchmarks/soak.py --num-requests 300 --kill-every 10 --output /tmp/soak.json
@@ -116,7 +116,8 @@ class Soak:
             await asyncio.gather(*(worker() for _ in range(self.args.concurrency)))
 
     async def killer(self, finished: asyncio.Event) -> None:
-        """Kill a prefill then a decode worker, and so on, each replaced at once."""
+        """Kill a prefill then a decode worker, and so on, each replaced at once. The first
+        worker of each pool (p0, d0) is never killed: its RSS over the whole soak is measured."""
         roles = ["prefill", "decode"]
         n = 0
         while not finished.is_set():
@@ -126,7 +127,11 @@ class Soak:
             except TimeoutError:
                 pass
             role = roles[n % 2]
-            victim = next(name for name in sorted(self.c.workers) if self._live(name, role))
+            victim = next(
+                name
+                for name in sorted(self.c.workers)
+                if self._live(name, role) and name != f"{role[0]}0"
+            )
             await asyncio.to_thread(self.c.kill, victim)
             n += 1
             fresh = f"{role[0]}{len(self.c.workers)}"
@@ -183,7 +188,7 @@ def main() -> None:
         metavar=("STREAM", "PLAIN", "DISCONNECT", "GIVE_UP"),
         help="weights of the request kinds",
     )
-    p.add_argument("--prefill-workers", type=int, default=1)
+    p.add_argument("--prefill-workers", type=int, default=2)
     p.add_argument("--decode-workers", type=int, default=2)
     p.add_argument("--kill-every", type=float, default=45.0, help="seconds between worker kills")
     p.add_argument("--request-timeout", type=float, default=120.0, help="a hung request's limit")
