@@ -6,6 +6,7 @@ Each process logs to its own file under `log_dir` (a pipe nobody reads would fil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -76,6 +77,18 @@ class Cluster:
         self.workers: dict[str, subprocess.Popen] = {}
         self._starts = 0
         self.start_router()
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, workers: dict[str, tuple[str, ...]], mode: str = "disagg", **kw):
+        """A cluster whose `workers` (name -> (role, *flags)) are ready; closed on the way out."""
+        c = cls(mode, **kw)
+        try:
+            for name, (role, *flags) in workers.items():
+                c.add_worker(name, role, *flags)
+            yield c
+        finally:
+            c.close()
 
     # ---- processes ----------------------------------------------------------------------------
 

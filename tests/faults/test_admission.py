@@ -17,13 +17,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster("disagg", ("--max-num-requests", "2", "--request-timeout", "5"))
-    try:
-        c.add_worker("p0", "prefill")
-        c.add_worker("d0", "decode", "--kv-cache-gib", "0.02")
+    with Cluster.running(
+        {"p0": ("prefill",), "d0": ("decode", "--kv-cache-gib", "0.02")},
+        router_args=("--max-num-requests", "2", "--request-timeout", "5"),
+    ) as c:
         yield c
-    finally:
-        c.close()
 
 
 def test_past_the_bound_requests_get_429_within_milliseconds(cluster):

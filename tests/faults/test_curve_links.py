@@ -23,13 +23,10 @@ def keys(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cluster(keys):
-    c = Cluster("disagg", env={curve.ENV_SECRET_FILE: keys[0]})
-    try:
-        c.add_worker("p0", "prefill")
-        c.add_worker("d0", "decode")
+    with Cluster.running(
+        {"p0": ("prefill",), "d0": ("decode",)}, env={curve.ENV_SECRET_FILE: keys[0]}
+    ) as c:
         yield c
-    finally:
-        c.close()
 
 
 def test_a_secured_cluster_serves_and_hands_kv_over(cluster, reference):

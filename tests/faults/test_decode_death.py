@@ -16,14 +16,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster("disagg")
-    try:
-        c.add_worker("p0", "prefill")
-        c.add_worker("d0", "decode")
-        c.add_worker("d1", "decode")
+    with Cluster.running({"p0": ("prefill",), "d0": ("decode",), "d1": ("decode",)}) as c:
         yield c
-    finally:
-        c.close()
 
 
 def test_sigkill_of_the_decode_worker_mid_stream_keeps_the_stream(cluster, reference):

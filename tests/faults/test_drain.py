@@ -17,13 +17,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def cluster():
-    c = Cluster("disagg")
-    try:
-        c.add_worker("p0", "prefill")
-        c.add_worker("d0", "decode")
+    with Cluster.running({"p0": ("prefill",), "d0": ("decode",)}) as c:
         yield c
-    finally:
-        c.close()
 
 
 def load(c, prompts, max_tokens, results, gap_s=0.2, first=0):

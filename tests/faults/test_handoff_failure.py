@@ -23,13 +23,8 @@ def kv_failures(cluster) -> float:
 
 @pytest.fixture
 def small_decode():
-    c = Cluster("disagg")
-    try:
-        c.add_worker("p0", "prefill")
-        c.add_worker("d0", "decode", "--kv-cache-gib", "0.01")
+    with Cluster.running({"p0": ("prefill",), "d0": ("decode", "--kv-cache-gib", "0.01")}) as c:
         yield c
-    finally:
-        c.close()
 
 
 def test_a_refused_handoff_is_recomputed_on_the_decode_side(small_decode, reference):

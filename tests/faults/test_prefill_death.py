@@ -15,14 +15,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster("disagg")
-    try:
-        c.add_worker("p0", "prefill")
-        c.add_worker("p1", "prefill")
-        c.add_worker("d0", "decode")
+    with Cluster.running({"p0": ("prefill",), "p1": ("prefill",), "d0": ("decode",)}) as c:
         yield c
-    finally:
-        c.close()
 
 
 def test_sigkill_of_a_prefill_worker_retries_its_queued_and_running_prefills(cluster, reference):
