@@ -1,0 +1,321 @@
+"""Validate everything under deploy/ offline; exit 1 naming each problem found.
+
+- YAML lint of every YAML file (yamllint, config in deploy/.yamllint).
+- Each Kustomize overlay rendered (kubectl kustomize) and validated against the Kubernetes
+  schemas (kubernetes-validate --strict), then checked for what Baton relies on: every worker
+  Deployment has startup, readiness and liveness probes, a preStop drain and a grace period
+  longer than its drain; the GPU overlay asks for GPUs; every PodDisruptionBudget, Service and
+  HorizontalPodAutoscaler points at something that exists; every HPA metric has an adapter rule.
+- Prometheus: `promtool check config` on the scrape configs, `promtool check rules` on the
+  alerts, and `promtool check metrics` on a real /metrics page of a running `baton serve` that
+  has served a request (and refused one).
+- Every metric the alerts, the dashboard and the adapter rules query is one Baton exports
+  (read off that same page), and the dashboard is well-formed.
+- The Dockerfile runs as a non-root user with a health check on /health; docker-compose's
+  services and Prometheus' targets agree.
+
+    python deploy/check.py                      # what `make deploy-check` runs
+    python deploy/check.py --deploy-dir /tmp/x  # a copy (the tests break one on purpose)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+K8S_VERSION = "1.33.0"
+METRIC = re.compile(r"\bbaton:[A-Za-z0-9_:]+")
+BIN = Path(sys.executable).parent  # tools installed beside this interpreter come first
+
+
+def tool(name: str) -> str:
+    path = BIN / name
+    found = str(path) if path.exists() else shutil.which(name)
+    if found is None:
+        raise SystemExit(f"deploy-check: `{name}` is not installed (make deploy-tools)")
+    return found
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, **kw)
+
+
+class Check:
+    def __init__(self, deploy: Path) -> None:
+        self.deploy = deploy
+        self.problems: list[str] = []
+
+    def fail(self, where: str, what: str) -> None:
+        self.problems.append(f"{where}: {what}")
+
+    # ---- YAML ---------------------------------------------------------------------------------
+
+    def yaml_lint(self) -> None:
+        files = sorted(str(p) for p in self.deploy.rglob("*.y*ml"))
+        r = run([tool("yamllint"), "-f", "parsable", "-c", str(self.deploy / ".yamllint"), *files])
+        if r.returncode != 0:
+            for line in (r.stdout + r.stderr).strip().splitlines():
+                self.fail("yamllint", line)
+
+    # ---- Kubernetes ---------------------------------------------------------------------------
+
+    def kubernetes(self) -> list[dict]:
+        rendered = []
+        for overlay in sorted((self.deploy / "kubernetes" / "overlays").iterdir()):
+            r = run([tool("kubectl"), "kustomize", str(overlay)])
+            where = f"kubernetes/overlays/{overlay.name}"
+            if r.returncode != 0:
+                self.fail(where, f"kustomize: {r.stderr.strip()}")
+                continue
+            with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+                f.write(r.stdout)
+            try:
+                v = run(
+                    [tool("kubernetes-validate"), "--strict", "-k", K8S_VERSION, "--quiet", f.name]
+                )
+            finally:
+                os.unlink(f.name)
+            if v.returncode != 0:
+                for line in (v.stdout + v.stderr).strip().splitlines():
+                    self.fail(where, line.replace(f.name, "rendered"))
+            docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+            self.baton_rules(where, overlay.name, docs)
+            rendered += docs
+        return rendered
+
+    def baton_rules(self, where: str, overlay: str, docs: list[dict]) -> None:
+        by_kind: dict[str, dict[str, dict]] = {}
+        for d in docs:
+            by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
+        deployments = by_kind.get("Deployment", {})
+        pod_labels = {
+            n: d["spec"]["template"]["metadata"].get("labels", {}) for n, d in deployments.items()
+        }
+
+        def selects(selector: dict) -> bool:
+            return any(selector.items() <= labels.items() for labels in pod_labels.values())
+
+        for name in ("baton-router", "baton-prefill", "baton-decode"):
+            if name not in deployments:
+                self.fail(where, f"no Deployment {name}")
+        for name in ("baton-prefill", "baton-decode"):
+            d = deployments.get(name)
+            if d is None:
+                continue
+            pod = d["spec"]["template"]["spec"]
+            c = pod["containers"][0]
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                if probe not in c:
+                    self.fail(where, f"{name} has no {probe}")
+            if "preStop" not in c.get("lifecycle", {}):
+                self.fail(where, f"{name} has no preStop drain")
+            drain = next((a for a in c.get("args", []) if a.startswith("--drain-timeout")), None)
+            if drain is None:
+                self.fail(where, f"{name} does not set --drain-timeout")
+            if pod.get("terminationGracePeriodSeconds", 30) <= 60:
+                self.fail(where, f"{name}: terminationGracePeriodSeconds must outlast the drain")
+            gpus = c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")
+            if overlay == "gpu" and gpus is None:
+                self.fail(where, f"{name} requests no GPU")
+        for pdb in by_kind.get("PodDisruptionBudget", {}).values():
+            if not selects(pdb["spec"]["selector"]["matchLabels"]):
+                self.fail(where, f"PodDisruptionBudget {pdb['metadata']['name']} selects no pod")
+        for svc in by_kind.get("Service", {}).values():
+            if not selects(svc["spec"]["selector"]):
+                self.fail(where, f"Service {svc['metadata']['name']} selects no pod")
+        rules = self.adapter_metrics()
+        for hpa in by_kind.get("HorizontalPodAutoscaler", {}).values():
+            hname = hpa["metadata"]["name"]
+            if hpa["spec"]["scaleTargetRef"]["name"] not in deployments:
+                self.fail(where, f"HorizontalPodAutoscaler {hname} scales nothing that exists")
+            for metric in hpa["spec"]["metrics"]:
+                ext = metric.get("external", {}).get("metric", {}).get("name")
+                if ext is not None and ext not in rules:
+                    self.fail(where, f"HPA {hname} reads {ext}, which no adapter rule serves")
+
+    def adapter_metrics(self) -> dict[str, str]:
+        path = self.deploy / "kubernetes" / "prometheus-adapter.yaml"
+        rules = yaml.safe_load(path.read_text())["rules"]["external"]
+        return {r["name"]["as"]: r["metricsQuery"] for r in rules}
+
+    # ---- Prometheus ---------------------------------------------------------------------------
+
+    def prometheus(self) -> None:
+        promtool = tool("promtool")
+        prom = self.deploy / "prometheus"
+        for cfg in sorted(prom.glob("prometheus*.yml")):
+            r = run([promtool, "check", "config", "--syntax-only", str(cfg)])
+            if r.returncode != 0:
+                self.fail(f"prometheus/{cfg.name}", (r.stdout + r.stderr).strip())
+        r = run([promtool, "check", "rules", str(prom / "alerts.yml")])
+        if r.returncode != 0:
+            self.fail("prometheus/alerts.yml", (r.stdout + r.stderr).strip())
+
+    def metrics_page(self, page: str) -> None:
+        r = run([tool("promtool"), "check", "metrics"], input=page)
+        # NOTE: promtool's lint asks for base units and _total on counters; Baton's names follow
+        # vLLM's (kv_cache_usage_perc), so only hard errors (exit 2 or a parse error) fail.
+        if r.returncode not in (0, 3) and "error" in (r.stdout + r.stderr).lower():
+            self.fail("/metrics", (r.stdout + r.stderr).strip())
+        exported = exported_series(page)
+        queries = {"dashboard": dashboard_queries(self.deploy / "grafana" / "dashboards")}
+        queries["alerts"] = [
+            rule["expr"]
+            for group in yaml.safe_load((self.deploy / "prometheus" / "alerts.yml").read_text())[
+                "groups"
+            ]
+            for rule in group["rules"]
+        ]
+        queries["prometheus-adapter"] = list(self.adapter_metrics().values())
+        for where, exprs in queries.items():
+            for expr in exprs:
+                for name in METRIC.findall(expr):
+                    if name not in exported:
+                        self.fail(where, f"queries {name}, which Baton does not export")
+
+    # ---- containers -----------------------------------------------------------------------------
+
+    def containers(self) -> None:
+        text = (self.deploy / "docker" / "Dockerfile").read_text()
+        users = re.findall(r"^USER\s+(\S+)", text, re.M)
+        if not users or users[-1] in ("root", "0"):
+            self.fail("docker/Dockerfile", "the image must run as a non-root USER")
+        if not re.search(r"^HEALTHCHECK .*", text, re.M) or "/health" not in text:
+            self.fail("docker/Dockerfile", "no HEALTHCHECK on /health")
+        compose = yaml.safe_load((self.deploy / "docker-compose.yaml").read_text())
+        services = set(compose.get("services", {}))
+        for needed in ("router", "prefill", "decode", "prometheus", "grafana"):
+            if needed not in services:
+                self.fail("docker-compose.yaml", f"no {needed} service")
+        prom = yaml.safe_load((self.deploy / "prometheus" / "prometheus.yml").read_text())
+        for job in prom["scrape_configs"]:
+            for static in job.get("static_configs", []):
+                for target in static["targets"]:
+                    if target.split(":")[0] not in services:
+                        self.fail("prometheus/prometheus.yml", f"target {target} is no service")
+
+
+def dashboard_queries(folder: Path) -> list[str]:
+    exprs = []
+    for path in sorted(folder.glob("*.json")):
+        dash = json.loads(path.read_text())
+        for panel in dash["panels"]:
+            for target in panel.get("targets", []):
+                exprs.append(target["expr"])
+    return exprs
+
+
+def exported_series(page: str) -> set[str]:
+    """Every series name a Prometheus query may use, from a page's # TYPE lines."""
+    names = set()
+    for line in page.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            suffixes = {
+                "counter": ["_total", "_created"],
+                "histogram": ["_bucket", "_sum", "_count", "_created"],
+                "summary": ["", "_sum", "_count", "_created"],
+            }.get(kind, [""])
+            base = name.removesuffix("_total") if kind == "counter" else name
+            names.update(base + s for s in suffixes)
+    return names
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served():
+    """`baton serve` (colocated, default model, CPU) on a free port; yields its base URL."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "baton.server.cli", "serve", "--mode", "colocated"]
+    cmd += ["--port", str(port), "--device", "cpu", "--dtype", "float32", "--kv-cache-gib", "0.1"]
+    env = {**os.environ, "BATON_LOG_LEVEL": "WARNING"}
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 300
+            while True:
+                with (
+                    contextlib.suppress(OSError),
+                    urllib.request.urlopen(url + "/health", timeout=2) as r,
+                ):
+                    if r.status == 200:
+                        break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise SystemExit(f"deploy-check: baton serve did not start:\n{log.read()}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def live_metrics_page() -> str:
+    with served() as url:
+        body = {"model": "smollm2", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+        for payload in (body, {**body, "temperature": -1}):  # one served, one refused (400)
+            req = urllib.request.Request(
+                url + "/v1/completions",
+                data=json.dumps(payload).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with contextlib.suppress(urllib.error.HTTPError):
+                urllib.request.urlopen(req, timeout=120).read()
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+            return r.read().decode()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--deploy-dir", type=Path, default=HERE)
+    p.add_argument(
+        "--metrics-page",
+        type=Path,
+        default=None,
+        help="a saved /metrics page instead of starting baton serve",
+    )
+    p.add_argument("--save-metrics-page", type=Path, default=None, help="keep the live page here")
+    args = p.parse_args()
+    check = Check(args.deploy_dir.resolve())
+    check.yaml_lint()
+    check.kubernetes()
+    check.prometheus()
+    check.containers()
+    page = args.metrics_page.read_text() if args.metrics_page else live_metrics_page()
+    if args.save_metrics_page:
+        args.save_metrics_page.write_text(page)
+    check.metrics_page(page)
+    for problem in check.problems:
+        print(f"deploy-check: {problem}")
+    if check.problems:
+        print(f"deploy-check: {len(check.problems)} problem(s)")
+        return 1
+    print("deploy-check: all good")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""`make deploy-check` passes on the repo's deploy/ and fails, naming the file, on a copy broken
+on purpose: a manifest off the Kubernetes schema, a worker without its drain, an alert that does
+not parse, a dashboard querying a metric Baton does not export."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+def check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(DEPLOY / "check.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def metrics_page(tmp_path_factory):
+    """The full check on the repo, against a live baton serve; keeps its /metrics page."""
+    page = tmp_path_factory.mktemp("metrics") / "page.txt"
+    r = check("--save-metrics-page", str(page))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "deploy-check: all good" in r.stdout
+    text = page.read_text()
+    # the page is a real one: a served request and a refused one left their marks
+    assert 'baton:request_success_total{finished_reason="length"} 1.0' in text
+    assert 'baton:request_errors_total{status="400"} 1.0' in text
+    return page
+
+
+def test_deploy_check_passes_on_the_repo(metrics_page):
+    assert metrics_page.exists()
+
+
+BREAKS = {
+    "schema": (
+        "kubernetes/base/decode.yaml",
+        "containerPort: 8003",
+        'containerPort: "kv"',
+        "kubernetes/overlays/",
+    ),
+    "no drain": (
+        "kubernetes/base/prefill.yaml",
+        "            preStop:",
+        "            postStart:",
+        "baton-prefill has no preStop drain",
+    ),
+    "alert syntax": (
+        "prometheus/alerts.yml",
+        'expr: up{job="baton-router"} == 0',
+        'expr: up{job="baton-router" == 0',
+        "prometheus/alerts.yml",
+    ),
+    "unknown metric": (
+        "grafana/dashboards/baton.json",
+        "baton:generation_tokens_total",
+        "baton:generated_tokens_total",
+        "queries baton:generated_tokens_total, which Baton does not export",
+    ),
+    "yaml": (
+        "kubernetes/base/disruption.yaml",
+        "maxUnavailable: 1",
+        "maxUnavailable:  1",
+        "yamllint",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BREAKS))
+def test_a_broken_deploy_tree_fails_the_check(tmp_path, metrics_page, name):
+    path, old, new, expected = BREAKS[name]
+    copy = tmp_path / "deploy"
+    shutil.copytree(DEPLOY, copy)
+    target = copy / path
+    text = target.read_text()
+    assert old in text, f"{path} no longer holds {old!r}: update this test"
+    target.write_text(text.replace(old, new, 1))
+    r = check("--deploy-dir", str(copy), "--metrics-page", str(metrics_page))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert expected in r.stdout, r.stdout
