@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,20 +35,65 @@ _ONEDNN_LINEAR = _onednn_linear()
 class Linear(nn.Linear):
     """nn.Linear whose float32 CPU matmuls go through oneDNN rather than BLAS.
 
-    NOTE: torch's CPU wheel sends float32 F.linear to MKL, which on AMD CPUs packs the whole
-    weight on every call at small batch: oneDNN runs a decode step's linears 1.4-2.5x faster
-    there (batch 2..64, 2-core EPYC) and no slower anywhere we measured. Same math, different
-    summation order (float32 rounding only).
+    NOTE: torch's CPU wheel sends float32 F.linear to MKL, which on some AMD hosts packs the
+    whole weight on every call at small batch: there oneDNN ran a decode step's linears 1.4-2.5x
+    faster (batch 2..64, 2-core EPYC). On another 2-core EPYC, MKL was 27% faster at batch 1
+    and 1.6x at 2, even from 4 on. So the row count from which oneDNN takes over is measured on
+    the host at load (`pick_onednn_from`). Same math, different summation order (float32
+    rounding only).
     """
 
+    onednn_from = 1  # rows from which float32 CPU calls take oneDNN (set per model at load)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, self.onednn_from)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if _ONEDNN_LINEAR is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn_from: int = 1
+) -> torch.Tensor:
+    if (
+        _ONEDNN_LINEAR is not None
+        and x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.shape[0] >= onednn_from
+    ):
         return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+MKL_MARGIN = 0.85  # MKL keeps a row count only when it takes under 85% of oneDNN's time
+
+
+def pick_onednn_from(
+    weights: list[torch.Tensor], rows: tuple[int, ...] = (1, 2, 4, 8), reps: int = 3
+) -> int:
+    """The smallest row count in `rows` from which oneDNN is used on `weights` (float32 CPU
+    matrices, timed here, median of `reps`): the first at which F.linear is not clearly faster.
+
+    NOTE: the margin keeps the choice stable from one process to the next (a prefill and a
+    decode worker should round alike); where the two are close, oneDNN is kept.
+    """
+    if _ONEDNN_LINEAR is None:
+        return 1 << 30
+    gen = torch.Generator().manual_seed(0)  # not the global stream: loading draws nothing
+    for m in rows:
+        xs = {w.shape[1]: torch.randn(m, w.shape[1], generator=gen) for w in weights}
+        times = {}
+        for name, fn in (
+            ("mkl", lambda x, w: F.linear(x, w)),
+            ("onednn", lambda x, w: _ONEDNN_LINEAR(x, w, None, "none", [], "")),
+        ):
+            trials = []
+            for _ in range(reps + 1):  # the first call of a shape builds oneDNN's primitive
+                t0 = time.perf_counter()
+                for w in weights:
+                    fn(xs[w.shape[1]], w)
+                trials.append(time.perf_counter() - t0)
+            times[name] = sorted(trials[1:])[reps // 2]
+        if times["mkl"] >= MKL_MARGIN * times["onednn"]:
+            return m
+    return rows[-1] * 2
 
 
 class FusedRows:
@@ -66,6 +112,7 @@ class FusedRows:
         if any(has_bias) and not all(has_bias):
             raise ValueError("fused linears must all have a bias or none")
         self.bias = self._stack([m.bias for m in linears]) if all(has_bias) else None
+        self.onednn_from = 1  # see Linear
 
     @staticmethod
     def _stack(params: list[nn.Parameter]) -> torch.Tensor:
@@ -77,7 +124,7 @@ class FusedRows:
         return stacked
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+        return linear(x, self.weight, self.bias, self.onednn_from).split(self.sizes, dim=-1)
 
 
 class RMSNorm(nn.Module):

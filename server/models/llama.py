@@ -16,6 +16,7 @@ from baton.server.models.layers import (
     Rope,
     RotaryEmbedding,
     SiluAndMul,
+    pick_onednn_from,
 )
 
 
@@ -139,6 +140,27 @@ class LlamaForCausalLM(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             attn.qkv = FusedRows(attn.q_proj, attn.k_proj, attn.v_proj)
             mlp.gate_up = FusedRows(mlp.gate_proj, mlp.up_proj)
+
+    @torch.no_grad()
+    def tune_cpu_linears(self) -> int:
+        """Time MKL against oneDNN on this host over every weight matrix a step reads (as a
+        step reads them: from memory, not cache), and route each float32 CPU matmul to the
+        faster by row count (see Linear). Returns the switch."""
+        weights = [self.lm_head.weight]
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            weights += [attn.qkv.weight if attn.qkv is not None else attn.q_proj.weight]
+            weights += [attn.o_proj.weight, mlp.down_proj.weight]
+            weights += [mlp.gate_up.weight if mlp.gate_up is not None else mlp.gate_proj.weight]
+        switch = pick_onednn_from([w.detach() for w in weights])
+        for m in self.modules():
+            if isinstance(m, Linear):
+                m.onednn_from = switch
+        for layer in self.model.layers:
+            for fused in (layer.self_attn.qkv, layer.mlp.gate_up):
+                if fused is not None:
+                    fused.onednn_from = switch
+        return switch
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext

@@ -34,7 +34,7 @@ ROPES = [
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_takes_onednn_for_float32_on_cpu_and_matches_nn_linear(monkeypatch, bias, dtype):
-    # The CPU wheel ships oneDNN; losing this path costs decode steps 1.4-2.5x on AMD hosts.
+    # The CPU wheel ships oneDNN; losing this path cost decode steps 1.4-2.5x on one AMD host.
     assert layers._ONEDNN_LINEAR is not None
     calls = []
     real = layers._ONEDNN_LINEAR
@@ -47,7 +47,8 @@ def test_linear_takes_onednn_for_float32_on_cpu_and_matches_nn_linear(monkeypatc
         x = torch.randn(rows, 48, dtype=dtype)
         with torch.no_grad():
             torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
-    assert len(calls) == (4 if dtype == torch.float32 else 0)
+    # an empty batch is below the default switch (1 row): F.linear takes it
+    assert len(calls) == (3 if dtype == torch.float32 else 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -122,3 +123,36 @@ def test_fused_rows_equal_the_separate_linears_and_follow_their_loads(bias):
 def test_fused_rows_refuse_a_mix_of_biases():
     with pytest.raises(ValueError, match="bias"):
         FusedRows(Linear(4, 4, bias=True), Linear(4, 4, bias=False))
+
+
+def test_linear_takes_f_linear_below_the_switch_and_onednn_from_it(monkeypatch):
+    calls = []
+    real = layers._ONEDNN_LINEAR
+    monkeypatch.setattr(
+        layers, "_ONEDNN_LINEAR", lambda *a: calls.append(a[0].shape[0]) or real(*a)
+    )
+    lin = Linear(16, 8)
+    lin.onednn_from = 4
+    with torch.no_grad():
+        for rows in (1, 3, 4, 9):
+            x = torch.randn(rows, 16)
+            torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    assert calls == [4, 9]
+
+
+def test_the_switch_is_measured_and_set_on_every_linear_of_a_model(tiny_config_dir, monkeypatch):
+    from baton.server.loader import load_model
+    from baton.server.models import llama
+
+    monkeypatch.setattr(llama, "pick_onednn_from", lambda weights: 8)
+    loaded = load_model(
+        tiny_config_dir, load_format="dummy", dtype=torch.float32, device="cpu", show_progress=False
+    )
+    model = loaded.model
+    assert {m.onednn_from for m in model.modules() if isinstance(m, Linear)} == {8}
+    layer = model.model.layers[0]
+    assert layer.self_attn.qkv.onednn_from == 8 and layer.mlp.gate_up.onednn_from == 8
+    # and the real measurement answers one of its row counts, or past them
+    w = [torch.randn(32, 16), torch.randn(16, 32)]
+    monkeypatch.undo()
+    assert layers.pick_onednn_from(w, rows=(1, 2, 4), reps=3) in (1, 2, 4, 8)
