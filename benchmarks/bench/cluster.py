@@ -39,15 +39,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def running(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def rss_bytes(pid: int) -> int:
     """Resident set size of a live process."""
     with open(f"/proc/{pid}/status") as f:
