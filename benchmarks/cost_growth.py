@@ -33,7 +33,7 @@ from pathlib import Path
 
 import httpx
 from common import RESULTS_DIR, save_result
-from kv_transfer import served
+from kv_transfer import served, token_marks
 
 from baton.bench.plots import pyplot
 
@@ -57,22 +57,8 @@ def scrape(client: httpx.Client, url: str, names: tuple[str, ...]) -> dict[str, 
 
 def stream(client: httpx.Client, url: str, model: str, prompt: list[int], n: int) -> dict:
     """One streamed greedy completion of exactly `n` tokens: client-side TTFT and E2E."""
-    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0}
-    body |= {"ignore_eos": True, "stream": True}
-    t0 = time.perf_counter()
-    ttft, tokens = None, 0
-    with client.stream("POST", url + "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            if json.loads(line[6:])["choices"]:
-                ttft = ttft if ttft is not None else time.perf_counter() - t0
-                tokens += 1
-    e2e = time.perf_counter() - t0
-    if ttft is None or tokens != n:
-        raise RuntimeError(f"expected {n} streamed tokens, got {tokens}")
-    return {"ttft_s": ttft, "e2e_s": e2e}
+    marks, e2e = token_marks(client, url, model, prompt, n)
+    return {"ttft_s": marks[0], "e2e_s": e2e}
 
 
 def model_id(client: httpx.Client, url: str) -> str:

@@ -309,16 +309,11 @@ def served(args, mode: str):
             proc.kill()
 
 
-def stream_times(client, url: str, model: str, prompt: list[int]) -> tuple[float, float]:
-    """(seconds to the first token, seconds to the second) of one streamed completion."""
-    body = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": 3,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-    }
+def token_marks(client, url: str, model: str, prompt: list[int], n: int) -> tuple[list, float]:
+    """One streamed greedy completion of exactly `n` tokens: the seconds at which each token
+    event arrived, and the seconds to the end of the stream (client-side)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0}
+    body |= {"ignore_eos": True, "stream": True}
     marks = []
     t0 = time.perf_counter()
     with client.stream("POST", url + "/v1/completions", json=body) as r:
@@ -328,8 +323,14 @@ def stream_times(client, url: str, model: str, prompt: list[int]) -> tuple[float
                 continue
             if json.loads(line[6:])["choices"]:
                 marks.append(time.perf_counter() - t0)
-    if len(marks) < 2:
-        raise RuntimeError(f"expected a token per event, got {len(marks)} events")
+    if len(marks) != n:
+        raise RuntimeError(f"expected {n} streamed tokens, one per event, got {len(marks)}")
+    return marks, time.perf_counter() - t0
+
+
+def stream_times(client, url: str, model: str, prompt: list[int]) -> tuple[float, float]:
+    """(seconds to the first token, seconds to the second) of one streamed completion."""
+    marks, _ = token_marks(client, url, model, prompt, 3)
     return marks[0], marks[1]
 
 
