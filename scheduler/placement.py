@@ -128,15 +128,13 @@ class Pool:
             w = self.workers.get(recompute_on)
             if w is not None and w.state == "ready" and w.num_blocks >= blocks_needed:
                 return w, None
-        if not resumed:
-            first = self.pick_prefill(avoid)
-            if first is not None and self.mode == "colocated":
-                return first, None
-            decode = self.pick_decode(blocks_needed, avoid)
-            if first is not None and decode is not None:
-                return first, decode
+        first = None if resumed else self.pick_prefill(avoid)
+        if first is not None and self.mode == "colocated":
+            return first, None
         decode = self.pick_decode(blocks_needed, avoid)
-        return (decode, None) if decode is not None else None
+        if decode is None:
+            return None
+        return (first, decode) if first is not None else (decode, None)
 
     def never_fits(self, blocks_needed: int) -> str | None:
         """Why a request needing `blocks_needed` KV blocks (prompt + max_tokens) could never run

@@ -262,10 +262,11 @@ class ZmqBackend:
         stream = Stream(
             request_id, list(prompt_token_ids), params, now, now + timeout if timeout else None
         )
-        why = self.pool.never_fits(stream.blocks_needed(self.block_size))
+        blocks = stream.blocks_needed(self.block_size)
+        why = self.pool.never_fits(blocks)
         if why is not None:
             raise ValueError(why)
-        plan = self.pool.plan(stream.blocks_needed(self.block_size), resumed=False)
+        plan = self.pool.plan(blocks, resumed=False)
         if plan is None:
             raise NoWorkerAvailable(self._missing_role())
         self.streams[request_id] = stream
