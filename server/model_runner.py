@@ -36,6 +36,8 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.device = device
+        if device.type == "cpu" and dtype == torch.float32 and model.pack_cpu_linears():
+            logger.info("float32 CPU linears: weights packed for MKL")
         self.block_size = block_size
         self.backend = get_attention_backend(attention_backend, device.type)
         # The Triton backend brings the fused norm, rotary and SiLU kernels with it.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ from baton.server.models.layers import RotaryEmbedding
 from baton.server.models.llama import LlamaForCausalLM
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,9 +44,6 @@ def load_model(
         init_dummy_weights(net, seed)
     else:
         net.load_weights(iter_safetensors(spec.hf_dir, show_progress))
-    if net.lm_head.weight.device.type == "cpu" and dtype == torch.float32:
-        switch = net.tune_cpu_linears()
-        logger.info("float32 CPU linears: MKL below %d rows, oneDNN from there", switch)
     return LoadedModel(
         model=net.eval(),
         config=spec.config,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -11,89 +10,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from baton.server.models.cpu_linear import PackedWeight
+
 Rope = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def _onednn_linear() -> Callable[..., torch.Tensor] | None:
-    """oneDNN's inner product, when this torch build has it and it agrees with F.linear."""
-    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if hasattr(torch, "ops") else None
-    if op is None or not torch.backends.mkldnn.is_available():
-        return None
-    try:
-        gen = torch.Generator().manual_seed(0)
-        x, w, b = (torch.randn(*s, generator=gen) for s in ((3, 8), (5, 8), (5,)))
-        with torch.no_grad():
-            ok = torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5)
-    except RuntimeError:
-        return None
-    return op if ok else None
-
-
-_ONEDNN_LINEAR = _onednn_linear()
-
-
 class Linear(nn.Linear):
-    """nn.Linear whose float32 CPU matmuls go through oneDNN rather than BLAS.
+    """nn.Linear that can swap its float32 CPU weight for an MKL-packed copy (see cpu_linear)."""
 
-    NOTE: torch's CPU wheel sends float32 F.linear to MKL, which on some AMD hosts packs the
-    whole weight on every call at small batch: there oneDNN ran a decode step's linears 1.4-2.5x
-    faster (batch 2..64, 2-core EPYC). On another 2-core EPYC, MKL was 27% faster at batch 1
-    and 1.6x at 2, even from 4 on. So the row count from which oneDNN takes over is measured on
-    the host at load (`pick_onednn_from`). Same math, different summation order (float32
-    rounding only).
-    """
-
-    onednn_from = 1  # rows from which float32 CPU calls take oneDNN (set per model at load)
+    packed: PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.onednn_from)
+        if self.packed is not None:
+            return self.packed(x)
+        return F.linear(x, self.weight, self.bias)
+
+    def pack(self, release: bool) -> None:
+        """Multiply through a packed copy from now on; `release` frees the unpacked weight
+        (leave it where another module shares the tensor, as a tied head does)."""
+        self.packed = PackedWeight(self.weight, self.bias)
+        if release:
+            _release(self.weight)
 
 
-def linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn_from: int = 1
-) -> torch.Tensor:
-    if (
-        _ONEDNN_LINEAR is not None
-        and x.dtype == torch.float32
-        and x.device.type == "cpu"
-        and x.shape[0] >= onednn_from
-    ):
-        return _ONEDNN_LINEAR(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
-
-
-MKL_MARGIN = 0.85  # MKL keeps a row count only when it takes under 85% of oneDNN's time
-
-
-def pick_onednn_from(
-    weights: list[torch.Tensor], rows: tuple[int, ...] = (1, 2, 4, 8), reps: int = 3
-) -> int:
-    """The smallest row count in `rows` from which oneDNN is used on `weights` (float32 CPU
-    matrices, timed here, median of `reps`): the first at which F.linear is not clearly faster.
-
-    NOTE: the margin keeps the choice stable from one process to the next (a prefill and a
-    decode worker should round alike); where the two are close, oneDNN is kept.
-    """
-    if _ONEDNN_LINEAR is None:
-        return 1 << 30
-    gen = torch.Generator().manual_seed(0)  # not the global stream: loading draws nothing
-    for m in rows:
-        xs = {w.shape[1]: torch.randn(m, w.shape[1], generator=gen) for w in weights}
-        times = {}
-        for name, fn in (
-            ("mkl", lambda x, w: F.linear(x, w)),
-            ("onednn", lambda x, w: _ONEDNN_LINEAR(x, w, None, "none", [], "")),
-        ):
-            trials = []
-            for _ in range(reps + 1):  # the first call of a shape builds oneDNN's primitive
-                t0 = time.perf_counter()
-                for w in weights:
-                    fn(xs[w.shape[1]], w)
-                trials.append(time.perf_counter() - t0)
-            times[name] = sorted(trials[1:])[reps // 2]
-        if times["mkl"] >= MKL_MARGIN * times["onednn"]:
-            return m
-    return rows[-1] * 2
+def _release(param: torch.Tensor) -> None:
+    param.data = torch.empty(0, dtype=param.dtype, device=param.device)
 
 
 class FusedRows:
@@ -112,7 +53,8 @@ class FusedRows:
         if any(has_bias) and not all(has_bias):
             raise ValueError("fused linears must all have a bias or none")
         self.bias = self._stack([m.bias for m in linears]) if all(has_bias) else None
-        self.onednn_from = 1  # see Linear
+        self.linears = linears
+        self.packed: PackedWeight | None = None
 
     @staticmethod
     def _stack(params: list[nn.Parameter]) -> torch.Tensor:
@@ -124,7 +66,17 @@ class FusedRows:
         return stacked
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return linear(x, self.weight, self.bias, self.onednn_from).split(self.sizes, dim=-1)
+        if self.packed is not None:
+            return self.packed(x).split(self.sizes, dim=-1)
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
+
+    def pack(self) -> None:
+        """Multiply through a packed copy of the stack and free the stack (the linears'
+        weights become empty); the biases stay."""
+        self.packed = PackedWeight(self.weight, self.bias)
+        for m in self.linears:
+            _release(m.weight)
+        self.weight = None
 
 
 class RMSNorm(nn.Module):

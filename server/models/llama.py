@@ -9,6 +9,7 @@ from torch import nn
 
 from baton.server.attention.base import ForwardContext
 from baton.server.model_config import ModelConfig
+from baton.server.models.cpu_linear import can_pack
 from baton.server.models.layers import (
     FusedRows,
     Linear,
@@ -16,7 +17,6 @@ from baton.server.models.layers import (
     Rope,
     RotaryEmbedding,
     SiluAndMul,
-    pick_onednn_from,
 )
 
 
@@ -126,6 +126,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.packed = False  # see pack_cpu_linears
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -142,25 +143,24 @@ class LlamaForCausalLM(nn.Module):
             mlp.gate_up = FusedRows(mlp.gate_proj, mlp.up_proj)
 
     @torch.no_grad()
-    def tune_cpu_linears(self) -> int:
-        """Time MKL against oneDNN on this host over every weight matrix a step reads (as a
-        step reads them: from memory, not cache), and route each float32 CPU matmul to the
-        faster by row count (see Linear). Returns the switch."""
-        weights = [self.lm_head.weight]
+    def pack_cpu_linears(self) -> bool:
+        """Multiply every float32 CPU linear through an MKL-packed copy of its weight and free
+        the unpacked ones (a tied head keeps the embedding's): from then on the model runs
+        forward passes only, and `load_weights` refuses. False, with nothing changed, where
+        this torch build or the weights cannot be packed (see cpu_linear)."""
+        if self.packed or not can_pack(self.lm_head.weight):
+            return False
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            weights += [attn.qkv.weight if attn.qkv is not None else attn.q_proj.weight]
-            weights += [attn.o_proj.weight, mlp.down_proj.weight]
-            weights += [mlp.gate_up.weight if mlp.gate_up is not None else mlp.gate_proj.weight]
-        switch = pick_onednn_from([w.detach() for w in weights])
-        for m in self.modules():
-            if isinstance(m, Linear):
-                m.onednn_from = switch
-        for layer in self.model.layers:
-            for fused in (layer.self_attn.qkv, layer.mlp.gate_up):
-                if fused is not None:
-                    fused.onednn_from = switch
-        return switch
+            for fused in (attn.qkv, mlp.gate_up):
+                if fused is None:
+                    raise ValueError("pack_cpu_linears: fuse_projections first")
+                fused.pack()
+            attn.o_proj.pack(release=True)
+            mlp.down_proj.pack(release=True)
+        self.lm_head.pack(release=not self.config.tie_word_embeddings)
+        self.packed = True
+        return True
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext
@@ -178,6 +178,8 @@ class LlamaForCausalLM(nn.Module):
 
         Every parameter must be covered exactly once; a tied `lm_head.weight` may be absent.
         """
+        if self.packed:
+            raise ValueError("weights: the linears are packed for CPU inference; load before")
         # NOTE: named_parameters() lists a tied lm_head only under model.embed_tokens.weight.
         params = dict(self.named_parameters())
         loaded: set[str] = set()

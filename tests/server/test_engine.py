@@ -200,3 +200,12 @@ def test_prior_output_is_refused_where_it_cannot_resume(tiny_config_dir):
     with pytest.raises(ValueError, match="token id"):
         eng.add_request("c", [5, 6], GREEDY, prior_output_ids=[-3])
     assert not eng.has_unfinished_requests() and eng.kv_usage == 0.0
+
+
+@pytest.mark.parametrize(("dtype", "packed"), [("float32", True), ("bfloat16", False)])
+def test_float32_cpu_engines_run_packed_linears(tiny_config_dir, dtype, packed):
+    llm = make(tiny_config_dir, device="cpu", dtype=dtype)
+    model = llm.engine.runner.model
+    assert model.packed == packed
+    assert (model.model.layers[0].mlp.down_proj.packed is not None) == packed
+    assert len(llm.generate([[5, 6, 7]], GREEDY)[0].token_ids) == 12

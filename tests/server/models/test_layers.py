@@ -8,7 +8,6 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from baton.server.models import layers
 from baton.server.models.layers import (
     FusedRows,
     Linear,
@@ -33,22 +32,30 @@ ROPES = [
 
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_takes_onednn_for_float32_on_cpu_and_matches_nn_linear(monkeypatch, bias, dtype):
-    # The CPU wheel ships oneDNN; losing this path cost decode steps 1.4-2.5x on one AMD host.
-    assert layers._ONEDNN_LINEAR is not None
-    calls = []
-    real = layers._ONEDNN_LINEAR
-    monkeypatch.setattr(layers, "_ONEDNN_LINEAR", lambda *a: calls.append(1) or real(*a))
+def test_linear_matches_nn_linear_unpacked_and_packed(bias, dtype):
     torch.manual_seed(0)
     ours = Linear(48, 96, bias=bias).to(dtype)
     ref = torch.nn.Linear(48, 96, bias=bias).to(dtype)
     ref.load_state_dict(ours.state_dict())
-    for rows in (0, 1, 7, 64):
-        x = torch.randn(rows, 48, dtype=dtype)
-        with torch.no_grad():
+    xs = [torch.randn(rows, 48, dtype=dtype) for rows in (0, 1, 7, 64)]
+    with torch.no_grad():
+        for x in xs:
             torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
-    # an empty batch is below the default switch (1 row): F.linear takes it
-    assert len(calls) == (3 if dtype == torch.float32 else 0)
+        if dtype != torch.float32:
+            with pytest.raises(ValueError, match="float32"):
+                ours.pack(release=True)
+            return
+        ours.pack(release=True)
+        assert ours.weight.numel() == 0 and ours.packed is not None  # the unpacked copy is gone
+        for x in xs:
+            torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_linear_packed_without_release_keeps_its_weight():
+    lin = Linear(16, 8, bias=False)
+    before = lin.weight.detach().clone()
+    lin.pack(release=False)
+    assert torch.equal(lin.weight, before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -125,34 +132,18 @@ def test_fused_rows_refuse_a_mix_of_biases():
         FusedRows(Linear(4, 4, bias=True), Linear(4, 4, bias=False))
 
 
-def test_linear_takes_f_linear_below_the_switch_and_onednn_from_it(monkeypatch):
-    calls = []
-    real = layers._ONEDNN_LINEAR
-    monkeypatch.setattr(
-        layers, "_ONEDNN_LINEAR", lambda *a: calls.append(a[0].shape[0]) or real(*a)
-    )
-    lin = Linear(16, 8)
-    lin.onednn_from = 4
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_fused_rows_free_the_stack_and_keep_the_biases(bias):
+    torch.manual_seed(0)
+    parts = [Linear(16, n, bias=bias) for n in (8, 4, 4)]
+    x = torch.randn(5, 16)
     with torch.no_grad():
-        for rows in (1, 3, 4, 9):
-            x = torch.randn(rows, 16)
-            torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
-    assert calls == [4, 9]
-
-
-def test_the_switch_is_measured_and_set_on_every_linear_of_a_model(tiny_config_dir, monkeypatch):
-    from baton.server.loader import load_model
-    from baton.server.models import llama
-
-    monkeypatch.setattr(llama, "pick_onednn_from", lambda weights: 8)
-    loaded = load_model(
-        tiny_config_dir, load_format="dummy", dtype=torch.float32, device="cpu", show_progress=False
-    )
-    model = loaded.model
-    assert {m.onednn_from for m in model.modules() if isinstance(m, Linear)} == {8}
-    layer = model.model.layers[0]
-    assert layer.self_attn.qkv.onednn_from == 8 and layer.mlp.gate_up.onednn_from == 8
-    # and the real measurement answers one of its row counts, or past them
-    w = [torch.randn(32, 16), torch.randn(16, 32)]
-    monkeypatch.undo()
-    assert layers.pick_onednn_from(w, rows=(1, 2, 4), reps=3) in (1, 2, 4, 8)
+        expected = [m(x) for m in parts]
+        fused = FusedRows(*parts)
+        fused.pack()
+        for got, want in zip(fused(x), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert fused.weight is None and all(p.weight.numel() == 0 for p in parts)
+    assert all((p.bias is not None) == bias for p in parts)
+    if bias:
+        assert parts[1].bias.shape == (4,)

@@ -68,13 +68,37 @@ VARIANTS = {
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def variant(request, tmp_path_factory):
     """(our model, the transformers model) with the same random weights."""
-    config_cls, model_cls, extra = VARIANTS[request.param]
+    return build_variant(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def packed_variant(request, tmp_path_factory):
+    """As `variant`, with our linears packed for MKL as the engine runs them on CPU."""
+    model, hf = build_variant(request.param, tmp_path_factory)
+    assert model.pack_cpu_linears() and not model.pack_cpu_linears()  # once
+    return model, hf
+
+
+@pytest.fixture(
+    scope="module", params=[(v, p) for p in ("unpacked", "packed") for v in VARIANTS], ids=str
+)
+def either(request, tmp_path_factory):
+    """`variant`, then `packed_variant`, for the tests that compare logits."""
+    name, how = request.param
+    model, hf = build_variant(name, tmp_path_factory)
+    if how == "packed":
+        assert model.pack_cpu_linears()
+    return model, hf
+
+
+def build_variant(name: str, tmp_path_factory):
+    config_cls, model_cls, extra = VARIANTS[name]
     hf = model_cls(config_cls(**{**SHAPES, **extra})).eval()
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # HF zeroes biases and sets norms to 1: perturb everything
         for p in hf.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    folder = tmp_path_factory.mktemp(request.param)
+    folder = tmp_path_factory.mktemp(name)
     hf.save_pretrained(folder)
     ours = load_model(str(folder), dtype=torch.float32, device="cpu", show_progress=False)
     assert ours.tokenizer is None and ours.name == folder.name
@@ -141,15 +165,15 @@ def assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert err <= 1e-4 * ref.abs().max().item(), f"max abs error {err}"
 
 
-def test_single_prefill_matches_transformers(variant):
-    model, hf = variant
+def test_single_prefill_matches_transformers(either):
+    model, hf = either
     ids = prompt(40, seed=1)
     (ours,) = run_schedule(model, [ids], [[6, 1, 4]], [[(0, 40)]])
     assert_close(ours, hf_logits(hf, ids))
 
 
-def test_chunked_prefill_and_decode_in_mixed_batches_match_transformers(variant):
-    model, hf = variant
+def test_chunked_prefill_and_decode_in_mixed_batches_match_transformers(either):
+    model, hf = either
     a, b = prompt(40, seed=2), prompt(30, seed=3)
     tables = [[6, 1, 4], [7, 2]]
     steps = [[(0, 16), (1, 10)], [(1, 1), (0, 16)], [(0, 1), (1, 19)]]
@@ -203,3 +227,29 @@ def test_load_weights_checks_names_and_shapes():
     bad = {**state, "model.layers.1.mlp.up_proj.weight": torch.ones(96, 63)}
     with pytest.raises(ValueError, match=r"up_proj.weight has shape \(96, 63\).*\(96, 64\)"):
         model.load_weights(bad.items())
+
+
+def test_packing_frees_the_unpacked_weights_and_closes_loading(packed_variant):
+    model, _ = packed_variant
+    tied = model.config.tie_word_embeddings
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.down_proj, mlp.up_proj):
+            assert m.weight.numel() == 0
+        assert attn.qkv.weight is None and mlp.gate_up.weight is None
+    # a tied head shares the embedding, which the lookup still reads
+    assert (model.lm_head.weight.numel() == 0) != tied
+    assert model.model.embed_tokens.weight.shape == (SHAPES["vocab_size"], SHAPES["hidden_size"])
+    with pytest.raises(ValueError, match="packed"):
+        model.load_weights([])
+
+
+def test_only_float32_cpu_models_pack(tmp_path):
+    from baton.server.model_config import ModelConfig
+    from baton.server.models.llama import LlamaForCausalLM
+
+    cfg = ModelConfig.from_hf_dict({"model_type": "llama", **SHAPES})
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.fuse_projections()
+    assert not model.pack_cpu_linears() and not model.packed
+    assert model.model.layers[0].self_attn.qkv.weight.numel() > 0
