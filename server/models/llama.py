@@ -9,7 +9,7 @@ from torch import nn
 
 from baton.server.attention.base import ForwardContext
 from baton.server.model_config import ModelConfig
-from baton.server.models.cpu_linear import can_pack
+from baton.server.models.cpu_linear import can_pack, return_freed_memory
 from baton.server.models.layers import (
     FusedRows,
     Linear,
@@ -158,7 +158,9 @@ class LlamaForCausalLM(nn.Module):
                 fused.pack()
             attn.o_proj.pack(release=True)
             mlp.down_proj.pack(release=True)
+            return_freed_memory()  # layer by layer, so the two copies never pile up
         self.lm_head.pack(release=not self.config.tie_word_embeddings)
+        return_freed_memory()
         self.packed = True
         return True
 
