@@ -36,7 +36,7 @@ class ModelRunner:
     ) -> None:
         self.model = model
         self.device = device
-        if device.type == "cpu" and dtype == torch.float32 and model.pack_cpu_linears():
+        if model.pack_cpu_linears():  # float32 CPU weights only; a no-op elsewhere
             logger.info("float32 CPU linears: weights packed for MKL")
         self.block_size = block_size
         self.backend = get_attention_backend(attention_backend, device.type)

@@ -59,7 +59,7 @@ class PackedWeight:
         self.packed = torch.ops.mkl._mkl_reorder_linear_weight(w, PACK_ROWS)
         self.shape_only = torch.empty((), dtype=w.dtype).expand(w.shape)
         self.bias = None if bias is None else bias.detach().contiguous()
-        self.out_features, self.in_features = w.shape
+        self.in_features = w.shape[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.float32 or x.shape[-1] != self.in_features:

@@ -109,13 +109,19 @@ def test_rope_cache_stays_fp32_and_follows_the_device():
     assert cos.dtype == sin.dtype == torch.bfloat16 and cos.shape == (1, 1, 16)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_fused_rows_equal_the_separate_linears_and_follow_their_loads(bias):
+def three_linears(bias: bool):
+    """Three linears reading one input, that input, and their separate outputs."""
     torch.manual_seed(0)
     parts = [Linear(16, n, bias=bias) for n in (8, 4, 4)]
     x = torch.randn(5, 16)
     with torch.no_grad():
-        expected = [m(x) for m in parts]
+        return parts, x, [m(x) for m in parts]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_rows_equal_the_separate_linears_and_follow_their_loads(bias):
+    parts, x, expected = three_linears(bias)
+    with torch.no_grad():
         fused = FusedRows(*parts)
         for got, want in zip(fused(x), expected, strict=True):
             torch.testing.assert_close(got, want)
@@ -134,11 +140,8 @@ def test_fused_rows_refuse_a_mix_of_biases():
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_fused_rows_free_the_stack_and_keep_the_biases(bias):
-    torch.manual_seed(0)
-    parts = [Linear(16, n, bias=bias) for n in (8, 4, 4)]
-    x = torch.randn(5, 16)
+    parts, x, expected = three_linears(bias)
     with torch.no_grad():
-        expected = [m(x) for m in parts]
         fused = FusedRows(*parts)
         fused.pack()
         for got, want in zip(fused(x), expected, strict=True):
