@@ -83,6 +83,7 @@ class LLMEngine:
             device=self.device,
             seed=config.seed,
             show_progress=config.show_progress,
+            tokenizer=config.detokenize,  # a worker behind a router leaves text to the router
         )
         self.model_name = loaded.name
         self.model_dir = loaded.model_dir
@@ -124,7 +125,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs,
             cuda_graphs=config.cuda_graphs,
         )
-        self.eos_token_id = self._eos_token_id()
+        self.eos_token_id = loaded.eos_token_id
         self._requests: dict[str, _Request] = {}
         self._seq_owner: dict[str, tuple[_Request, int]] = {}
         self._handoff_seqs: dict[str, Sequence] = {}  # detached, KV not yet acknowledged
@@ -144,12 +145,6 @@ class LLMEngine:
         if self.device.type == "cuda":
             return cuda_kv_budget(self.device, config.gpu_memory_utilization)
         return int(config.kv_cache_gib * 2**30)
-
-    def _eos_token_id(self) -> int | None:
-        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            return int(self.tokenizer.eos_token_id)
-        eos = self.model_config.eos_token_ids
-        return eos[0] if eos else None
 
     # ---- requests -------------------------------------------------------------------------
 

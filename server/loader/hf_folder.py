@@ -56,6 +56,33 @@ def has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
+def tokenizer_eos_id(folder: Path) -> int | None:
+    """The id of the tokenizer's EOS token, read from its JSON files as transformers reads them
+    (tokenizer_config.json or special_tokens_map.json names it, tokenizer.json gives its id);
+    None where they do not say. Loading the tokenizer itself costs a worker ~2.5 s of imports."""
+    name = None
+    for file in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            name = json.loads((folder / file).read_text()).get("eos_token")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if name is not None:
+            break
+    if isinstance(name, dict):
+        name = name.get("content")
+    if not isinstance(name, str):
+        return None
+    try:
+        tok = json.loads((folder / "tokenizer.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for added in tok.get("added_tokens") or []:
+        if isinstance(added, dict) and added.get("content") == name:
+            return added.get("id")
+    vocab = (tok.get("model") or {}).get("vocab")
+    return vocab.get(name) if isinstance(vocab, dict) else None
+
+
 def load_tokenizer(folder: Path) -> Any | None:
     """The folder's tokenizer, or None when it ships no tokenizer files."""
     if not has_tokenizer(folder):

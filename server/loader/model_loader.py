@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from baton.server.loader.dummy import init_dummy_weights
-from baton.server.loader.hf_folder import iter_safetensors
+from baton.server.loader.hf_folder import iter_safetensors, tokenizer_eos_id
 from baton.server.loader.resolve import resolve_model
 from baton.server.model_config import ModelConfig
 from baton.server.models.layers import RotaryEmbedding
@@ -22,7 +22,8 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class LoadedModel:
     model: LlamaForCausalLM  # eval mode, on the device, in the dtype
     config: ModelConfig
-    tokenizer: Any | None  # a transformers tokenizer
+    tokenizer: Any | None  # a transformers tokenizer (None where not asked for, or none ships)
+    eos_token_id: int | None  # the tokenizer's, else the config's first
     name: str  # the model's identity
     model_dir: Path | None  # the HF folder the weights came from; None for dummy weights
 
@@ -35,7 +36,9 @@ def load_model(
     device: torch.device | str,
     seed: int = 0,
     show_progress: bool = True,
+    tokenizer: bool = True,
 ) -> LoadedModel:
+    """`tokenizer=False` (a worker behind a router, which handles text) skips loading it."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype: must be one of {DTYPES}, got {dtype}")
     spec = resolve_model(model, load_format)
@@ -44,10 +47,19 @@ def load_model(
         init_dummy_weights(net, seed)
     else:
         net.load_weights(iter_safetensors(spec.hf_dir, show_progress))
+    tok = spec.load_tokenizer() if tokenizer else None
+    eos = None if tok is None else tok.eos_token_id
+    if eos is None and spec.hf_dir is not None:
+        eos = tokenizer_eos_id(spec.hf_dir)
+    if eos is None and not tokenizer and spec.has_tokenizer:  # files the JSON read cannot follow
+        eos = spec.load_tokenizer().eos_token_id
+    if eos is None and spec.config.eos_token_ids:
+        eos = spec.config.eos_token_ids[0]
     return LoadedModel(
         model=net.eval(),
         config=spec.config,
-        tokenizer=spec.load_tokenizer(),
+        tokenizer=tok,
+        eos_token_id=None if eos is None else int(eos),
         name=spec.name,
         model_dir=None if load_format == "dummy" else spec.hf_dir,
     )

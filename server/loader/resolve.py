@@ -64,6 +64,12 @@ class ResolvedModel:
             return c.pad_token_id
         return c.eos_token_ids[0] if c.eos_token_ids else 0
 
+    @property
+    def has_tokenizer(self) -> bool:
+        return (self.hf_dir is not None and has_tokenizer(self.hf_dir)) or (
+            self.gguf_path is not None
+        )
+
     def load_tokenizer(self) -> Any | None:
         """A transformers tokenizer, or None when the source ships none."""
         from transformers import AutoTokenizer
