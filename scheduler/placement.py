@@ -26,6 +26,8 @@ class WorkerState:
     assigned: set[str] = field(default_factory=set)  # request ids the router sent here
     served: int = 0  # requests ever placed here
     state: str = "ready"  # "ready", "draining" (finishing its work, takes none) or "dead"
+    # how it runs on its CPU: threads, wait_policy, cpus, linear (None: not a CPU worker)
+    cpu: dict | None = None
 
     @property
     def load(self) -> int:
@@ -47,7 +49,12 @@ class WorkerState:
             "kv_usage": self.kv_usage,
             "num_free_blocks": self.num_free_blocks,
             "num_blocks": self.num_blocks,
+            "cpu": self.cpu,
         }
+
+    @property
+    def cpu_linear(self) -> str:
+        return (self.cpu or {}).get("linear", "")
 
 
 class Pool:
@@ -73,10 +80,24 @@ class Pool:
             return f"KV layout {tuple(w.layout)} differs from the pool's {self.layout}"
         if w.role == "decode" and not w.kv_endpoint:
             return "a decode worker must publish a KV endpoint"
+        plan = self.cpu_linear
+        if w.cpu_linear and plan and w.cpu_linear != plan:
+            # NOTE: the plan sets float32 rounding: a request resumed on another worker after a
+            # failure would no longer continue the same greedy text.
+            return (
+                f"its float32 CPU linear plan {w.cpu_linear!r} differs from the pool's {plan!r}; "
+                f"start it with --cpu-linear {plan}"
+            )
         self.model = w.model
         self.layout = tuple(w.layout)
         self.workers[w.worker_id] = w
         return None
+
+    @property
+    def cpu_linear(self) -> str:
+        """The float32 CPU linear plan the live workers run ("" where none runs one)."""
+        plans = (w.cpu_linear for w in self.workers.values() if w.state != "dead")
+        return next((p for p in plans if p), "")
 
     def ready(self, role: str) -> list[WorkerState]:
         return [w for w in self.workers.values() if w.role == role and w.state == "ready"]

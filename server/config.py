@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("auto", "dummy")
 DEFAULT_MAX_MODEL_LEN_CAP = 8192
+
+
+def cache_root() -> Path:
+    """Where Baton keeps what it computes once per host: converted models, measured plans."""
+    return Path(os.environ.get("BATON_CACHE_DIR") or "~/.cache/baton").expanduser()
 
 
 def resolve_max_model_len(requested: int | None, model_max: int) -> int:
@@ -39,6 +46,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    # float32 CPU linears: "auto" (measured once per host, see cpu_linear_plan) or a pinned plan
+    cpu_linear: str = "auto"
     show_progress: bool = True
     # Workers behind a router leave text (and stop strings) to the router.
     detokenize: bool = True

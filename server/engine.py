@@ -124,6 +124,7 @@ class LLMEngine:
             max_model_len=self.max_model_len,
             max_num_seqs=config.max_num_seqs,
             cuda_graphs=config.cuda_graphs,
+            cpu_linear=config.cpu_linear,
         )
         self.eos_token_id = loaded.eos_token_id
         self._requests: dict[str, _Request] = {}

@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 
+from baton.server.cpu_threads import WAIT_POLICIES
+
 logger = logging.getLogger("baton")
 
 
@@ -38,6 +40,40 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode steps"
     )
+    p.add_argument(
+        "--cpu-linear",
+        default="auto",
+        help="float32 CPU linears: auto (timed once per host and cached), or a plan such as "
+        "mkl-packed or dense@1,mkl-packed@3 (kernels: dense, onednn, mkl-packed, onednn-packed)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads per worker (default: one per core the worker may use, within the "
+        "cgroup's CPU quota; $OMP_NUM_THREADS if set)",
+    )
+    p.add_argument(
+        "--thread-wait-policy",
+        default="auto",
+        choices=WAIT_POLICIES,
+        help="how a CPU thread with nothing to do waits: brief (spin ~the gap between two "
+        "parallel regions, then sleep), passive (sleep at once), active (spin); auto: brief, "
+        "or what $OMP_WAIT_POLICY / $GOMP_SPINCOUNT say",
+    )
+    p.add_argument(
+        "--cpus",
+        default=None,
+        help="pin each worker to these cores, e.g. 0-3,6 (default: the cores it was given)",
+    )
+
+
+def _thread_config(args):
+    from baton.server.cpu_threads import ThreadConfig
+    from baton.server.host_cpu import parse_cpu_list
+
+    cpus = None if args.cpus is None else parse_cpu_list(args.cpus)
+    return ThreadConfig(threads=args.threads, wait_policy=args.thread_wait_policy, cpus=cpus)
 
 
 def add_security_args(p: argparse.ArgumentParser) -> None:
@@ -98,6 +134,7 @@ def _engine_config(args, num_on_device: int = 1):
         max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
+        cpu_linear=args.cpu_linear,
         show_progress=False,
         detokenize=False,
     )
@@ -127,15 +164,19 @@ def _serve_config(args, control: str):
 
 
 def run_worker(args) -> int:
+    from baton.server.cpu_threads import apply_thread_plan, plan_threads
+
+    # NOTE: before anything loads torch: OpenMP reads its waiting policy once, when it loads.
+    try:
+        threads = plan_threads(_thread_config(args))
+    except ValueError as e:
+        print(f"baton worker: {e}", file=sys.stderr)
+        return 2
+    apply_thread_plan(threads)
+
     from baton.server.worker.config import WorkerConfig
     from baton.server.worker.worker import Worker
 
-    if args.threads:
-        import torch
-
-        # NOTE: several workers on one CPU each default to every core, and their OpenMP
-        # threads then spin against each other.
-        torch.set_num_threads(args.threads)
     kw = {"worker_id": args.worker_id} if args.worker_id else {}
     cfg = WorkerConfig(
         role=args.role,
@@ -150,9 +191,14 @@ def run_worker(args) -> int:
         health_host=args.health_host,
         health_port=args.health_port,
         curve=_curve_keys(args),
+        threads=threads,
         **kw,
     )
-    worker = Worker(cfg)
+    try:
+        worker = Worker(cfg)
+    except ValueError as e:  # a flag the engine refused (model, dtype, cpu_linear ...)
+        print(f"baton worker: {e}", file=sys.stderr)
+        return 2
     # SIGTERM drains (finish or give back the work, deregister, exit); Ctrl-C stops at once.
     signal.signal(signal.SIGTERM, lambda *_: worker.drain())
     with contextlib.suppress(KeyboardInterrupt):
@@ -175,7 +221,10 @@ def _announce(cfg) -> None:
     print(f"Baton listening on http://{cfg.host}:{cfg.port}/v1", flush=True)
 
 
-def worker_command(args, role: str, router: str, index: int, num_workers: int) -> list[str]:
+def worker_command(
+    args, role: str, router: str, index: int, num_workers: int, cpus: str | None = None
+) -> list[str]:
+    """The `baton worker` command line `baton serve` starts; `cpus`: its cores (else --cpus)."""
     cmd = [sys.executable, "-m", "baton.server.cli", "worker", "--role", role]
     cmd += ["--router", router, "--model", args.model, "--load-format", args.load_format]
     cmd += ["--dtype", args.dtype, "--kv-cache-gib", str(args.kv_cache_gib)]
@@ -188,8 +237,10 @@ def worker_command(args, role: str, router: str, index: int, num_workers: int) -
     cmd += ["--drain-timeout", str(args.drain_timeout), "--kv-timeout", str(args.kv_timeout)]
     if args.curve_key_file:
         cmd += ["--curve-key-file", args.curve_key_file]
+    cmd += ["--thread-wait-policy", args.thread_wait_policy, "--cpu-linear", args.cpu_linear]
     for flag, value in (
-        ("--threads", args.worker_threads),
+        ("--threads", args.threads),
+        ("--cpus", cpus or args.cpus),
         ("--device", args.device),
         ("--max-model-len", args.max_model_len),
         ("--gpu-memory-utilization", args.gpu_memory_utilization),
@@ -213,8 +264,9 @@ def run_serve(args) -> int:
         roles = ["both"] * args.workers
     else:
         roles = ["prefill"] * args.prefill_workers + ["decode"] * args.decode_workers
+    cpus = _worker_cpus(args, roles)
     procs = [
-        subprocess.Popen(worker_command(args, r, backend.endpoint, i, len(roles)))
+        subprocess.Popen(worker_command(args, r, backend.endpoint, i, len(roles), cpus[i]))
         for i, r in enumerate(roles)
     ]
 
@@ -249,6 +301,21 @@ def run_serve(args) -> int:
                 p.kill()
 
 
+def _worker_cpus(args, roles: list[str]) -> list[str | None]:
+    """Each worker's cores: all of them, shared (--worker-cores shared), or a disjoint set."""
+    from baton.server.cpu_threads import split_cpus
+    from baton.server.host_cpu import format_cpu_list, parse_cpu_list, usable_cpus
+
+    if args.worker_cores == "shared" or (args.device or "cpu") != "cpu":
+        how = "every worker on every core" if args.cpus is None else f"cores {args.cpus}"
+        logger.info("CPU: %s, shared by %d workers", how, len(roles))
+        return [None] * len(roles)
+    given = usable_cpus() if args.cpus is None else parse_cpu_list(args.cpus)
+    sets = [format_cpu_list(s) for s in split_cpus(given, roles)]
+    logger.info("CPU: cores split among the workers: %s", list(zip(roles, sets, strict=True)))
+    return sets
+
+
 def _exit_on_signal(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
@@ -263,15 +330,13 @@ def add_subcommands(sub) -> None:
     serve.add_argument("--decode-workers", type=int, default=1)
     serve.add_argument("--workers", type=int, default=1, help="colocated mode: pool size")
     serve.add_argument("--drain-timeout", type=float, default=30.0, help="workers' SIGTERM drain")
-    serve.add_argument(
-        "--worker-threads",
-        type=int,
-        default=None,
-        # NOTE: on a 2-core host, 1 prefill + 1 decode worker served 110 tok/s at concurrency 16
-        # with 2 threads each and 74 with 1 each: sharing the cores out is not the default.
-        help="CPU threads per worker (default: every core)",
-    )
     serve.add_argument("--kv-timeout", type=float, default=60.0, help="stalled KV handoff limit")
+    serve.add_argument(
+        "--worker-cores",
+        default="shared",
+        choices=["shared", "split"],
+        help="CPU: every worker on every core (shared), or each pinned to its own cores (split)",
+    )
     serve.set_defaults(func=run_serve)
 
     router = sub.add_parser("router", help="the HTTP router alone; workers join it")
@@ -303,9 +368,6 @@ def add_subcommands(sub) -> None:
         help="serve HTTP probes here: /health (ready: registered, not draining), /live",
     )
     worker.add_argument("--health-host", default="127.0.0.1", help="where the probes listen")
-    worker.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for the model (default: all)"
-    )
     worker.add_argument("--worker-id", default=None)
     worker.add_argument(
         "--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish the work"

@@ -11,6 +11,8 @@ from baton.server.attention import ForwardContext, get_attention_backend
 from baton.server.attention.metadata import build_attention_metadata
 from baton.server.cuda_graph import DecodeGraphs, capture_sizes
 from baton.server.kv_cache import allocate_kv_cache
+from baton.server.models.cpu_linear import is_cpu_float32
+from baton.server.models.cpu_linear_plan import resolve_plan
 from baton.server.sampler import Sampler, SampleResult
 
 logger = logging.getLogger(__name__)
@@ -33,11 +35,18 @@ class ModelRunner:
         max_model_len: int = 0,
         max_num_seqs: int = 1,
         cuda_graphs: bool = False,
+        cpu_linear: str = "auto",
     ) -> None:
         self.model = model
         self.device = device
-        if model.pack_cpu_linears():  # float32 CPU weights only; a no-op elsewhere
-            logger.info("float32 CPU linears: weights packed for MKL")
+        self.cpu_linear = ""  # the plan float32 CPU linears run (see cpu_linear_plan)
+        if is_cpu_float32(model.lm_head.weight):
+            plan, source = resolve_plan(cpu_linear, model.cpu_linear_units())
+            model.use_cpu_linear_plan(plan.ranges, keeps_dense="dense" in plan.forms)
+            self.cpu_linear = str(plan)
+            logger.info(
+                "float32 CPU linears: %s (%s, %d threads)", plan, source, torch.get_num_threads()
+            )
         self.block_size = block_size
         self.backend = get_attention_backend(attention_backend, device.type)
         # The Triton backend brings the fused norm, rotary and SiLU kernels with it.

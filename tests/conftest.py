@@ -53,7 +53,13 @@ def tiny_config_dir(tmp_path_factory):
 def smollm2():
     """The default model in float32 on CPU, shared by the tests that need real text."""
     from baton import LLM
+    from baton.bench.cluster import CPU_LINEAR
 
     return LLM(
-        model="smollm2", device="cpu", dtype="float32", kv_cache_gib=0.25, show_progress=False
+        model="smollm2",
+        device="cpu",
+        dtype="float32",
+        kv_cache_gib=0.25,
+        show_progress=False,
+        cpu_linear=CPU_LINEAR,  # as the served workers of the tests run it
     )

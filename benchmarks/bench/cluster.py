@@ -20,8 +20,13 @@ from pathlib import Path
 import httpx
 
 BASE = ["--model", "smollm2", "--max-model-len", "2048"]
+# NOTE: pinned rather than timed on the host, so every worker (and an offline reference engine
+# given the same plan) rounds alike: greedy text can be compared across them.
+CPU_LINEAR = "mkl-packed"
 # NOTE: one CPU thread each: several workers share this machine's cores
 WORKER = [
+    "--cpu-linear",
+    CPU_LINEAR,
     "--device",
     "cpu",
     "--dtype",
@@ -75,8 +80,10 @@ class Cluster:
         """A cluster whose `workers` (name -> (role, *flags)) are ready; closed on the way out."""
         c = cls(mode, **kw)
         try:
-            for name, (role, *flags) in workers.items():
-                c.add_worker(name, role, *flags)
+            for name, (role, *flags) in workers.items():  # they load side by side
+                c.add_worker(name, role, *flags, wait=False)
+            for name in workers:
+                c.wait_worker(name, "ready")
             yield c
         finally:
             c.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from baton.server.config import cache_root
 from baton.server.model_config import SUPPORTED_MODEL_TYPES, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -25,10 +26,6 @@ logger = logging.getLogger(__name__)
 COMPLETE_MARKER = ".baton-complete"
 # GGUF `general.architecture` -> HF model_type (llama.cpp also writes Mistral as "llama").
 _ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("BATON_CACHE_DIR") or "~/.cache/baton").expanduser()
 
 
 def cache_dir_for(gguf_path: Path) -> Path:

@@ -10,25 +10,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baton.server.models.cpu_linear import PackedWeight
+from baton.server.models.cpu_linear import PlannedLinear
 
 Rope = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can swap its float32 CPU weight for an MKL-packed copy (see cpu_linear)."""
+    """nn.Linear whose float32 CPU products can go through the kernels of a plan, by row count
+    (see cpu_linear and cpu_linear_plan)."""
 
-    packed: PackedWeight | None = None
+    planned: PlannedLinear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return self.packed(x)
+        if self.planned is not None:
+            return self.planned(x)
         return F.linear(x, self.weight, self.bias)
 
-    def pack(self, release: bool) -> None:
-        """Multiply through a packed copy from now on; `release` frees the unpacked weight
-        (leave it where another module shares the tensor, as a tied head does)."""
-        self.packed = PackedWeight(self.weight, self.bias)
+    def use_plan(self, ranges: tuple[tuple[int, str], ...], release: bool) -> None:
+        """Multiply through the plan's kernels from now on; `release` frees the weight as it is
+        (the plan keeps only packed forms; leave it where another module shares the tensor, as
+        a tied head does)."""
+        self.planned = PlannedLinear(self.weight, self.bias, ranges)
         if release:
             _release(self.weight)
 
@@ -54,7 +56,7 @@ class FusedRows:
             raise ValueError("fused linears must all have a bias or none")
         self.bias = self._stack([m.bias for m in linears]) if all(has_bias) else None
         self.linears = linears
-        self.packed: PackedWeight | None = None
+        self.planned: PlannedLinear | None = None
 
     @staticmethod
     def _stack(params: list[nn.Parameter]) -> torch.Tensor:
@@ -66,17 +68,18 @@ class FusedRows:
         return stacked
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.packed is not None:
-            return self.packed(x).split(self.sizes, dim=-1)
+        if self.planned is not None:
+            return self.planned(x).split(self.sizes, dim=-1)
         return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
-    def pack(self) -> None:
-        """Multiply through a packed copy of the stack and free the stack (the linears'
-        weights become empty); the biases stay."""
-        self.packed = PackedWeight(self.weight, self.bias)
-        for m in self.linears:
-            _release(m.weight)
-        self.weight = None
+    def use_plan(self, ranges: tuple[tuple[int, str], ...], release: bool) -> None:
+        """Multiply the stack through the plan's kernels; `release` frees the stack (the
+        linears' weights become empty; the biases stay)."""
+        self.planned = PlannedLinear(self.weight, self.bias, ranges)
+        if release:
+            for m in self.linears:
+                _release(m.weight)
+            self.weight = None
 
 
 class RMSNorm(nn.Module):

@@ -9,7 +9,7 @@ from torch import nn
 
 from baton.server.attention.base import ForwardContext
 from baton.server.model_config import ModelConfig
-from baton.server.models.cpu_linear import can_pack, return_freed_memory
+from baton.server.models.cpu_linear import is_cpu_float32, return_freed_memory
 from baton.server.models.layers import (
     FusedRows,
     Linear,
@@ -132,7 +132,7 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.packed = False  # see pack_cpu_linears
+        self.cpu_plan: tuple[tuple[int, str], ...] | None = None  # see use_cpu_linear_plan
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -148,26 +148,40 @@ class LlamaForCausalLM(nn.Module):
             attn.qkv = FusedRows(attn.q_proj, attn.k_proj, attn.v_proj)
             mlp.gate_up = FusedRows(mlp.gate_proj, mlp.up_proj)
 
-    @torch.no_grad()
-    def pack_cpu_linears(self) -> bool:
-        """Multiply every float32 CPU linear through an MKL-packed copy of its weight and free
-        the unpacked ones (a tied head keeps the embedding's): from then on the model runs
-        forward passes only, and `load_weights` refuses. False, with nothing changed, where
-        this torch build or the weights cannot be packed (see cpu_linear)."""
-        if self.packed or not can_pack(self.lm_head.weight):
-            return False
+    def cpu_linear_units(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight, bias) of every matmul a step makes, in order: what a CPU linear plan is
+        measured on. Call after fuse_projections."""
+        units = []
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            for fused in (attn.qkv, mlp.gate_up):
-                if fused is None:
-                    raise ValueError("pack_cpu_linears: fuse_projections first")
-                fused.pack()
-            attn.o_proj.pack(release=True)
-            mlp.down_proj.pack(release=True)
-            return_freed_memory()  # layer by layer, so the two copies never pile up
-        self.lm_head.pack(release=not self.config.tie_word_embeddings)
+            if attn.qkv is None or mlp.gate_up is None:
+                raise ValueError("cpu linears: fuse_projections first")
+            units += [(attn.qkv.weight, attn.qkv.bias), (attn.o_proj.weight, None)]
+            units += [(mlp.gate_up.weight, None), (mlp.down_proj.weight, None)]
+        return units + [(self.lm_head.weight, None)]
+
+    @torch.no_grad()
+    def use_cpu_linear_plan(self, ranges: tuple[tuple[int, str], ...], keeps_dense: bool) -> bool:
+        """Multiply every float32 CPU linear through the plan's kernels (see cpu_linear_plan).
+        Unless the plan keeps the dense weights (`keeps_dense`), they are freed (a tied head
+        keeps the embedding's): from then on the model runs forward passes only, and
+        `load_weights` refuses. False, with nothing changed, for weights that are not float32
+        on the CPU."""
+        if self.cpu_plan is not None or not is_cpu_float32(self.lm_head.weight):
+            return False
+        self.cpu_linear_units()  # fused first
+        release = not keeps_dense
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv.use_plan(ranges, release)
+            mlp.gate_up.use_plan(ranges, release)
+            attn.o_proj.use_plan(ranges, release)
+            mlp.down_proj.use_plan(ranges, release)
+            if release:
+                return_freed_memory()  # layer by layer, so the two copies never pile up
+        self.lm_head.use_plan(ranges, release and not self.config.tie_word_embeddings)
         return_freed_memory()
-        self.packed = True
+        self.cpu_plan = ranges
         return True
 
     def forward(
@@ -186,8 +200,8 @@ class LlamaForCausalLM(nn.Module):
 
         Every parameter must be covered exactly once; a tied `lm_head.weight` may be absent.
         """
-        if self.packed:
-            raise ValueError("weights: the linears are packed for CPU inference; load before")
+        if self.cpu_plan is not None:
+            raise ValueError("weights: the linears are set up for CPU inference; load before")
         # NOTE: named_parameters() lists a tied lm_head only under model.embed_tokens.weight.
         params = dict(self.named_parameters())
         loaded: set[str] = set()

@@ -12,6 +12,7 @@ output is what it would have been.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -182,6 +183,7 @@ class ZmqBackend:
             num_blocks=msg.num_blocks,
             last_seen=time.monotonic(),
             num_free_blocks=msg.num_blocks,
+            cpu=None if msg.cpu is None else dataclasses.asdict(msg.cpu),
         )
         known = self.pool.workers.get(ident)
         reason = None

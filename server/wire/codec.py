@@ -16,14 +16,18 @@ from collections.abc import Callable
 
 import msgpack
 
-from baton.server.wire.messages import MESSAGES, KVChunk, KVLayout
+from baton.server.wire.messages import MESSAGES, KVChunk, KVLayout, WorkerCPU
 
-PROTOCOL_VERSION = 3  # 2: KV checksums are XXH3-64 (were crc32); 3: failover and drain fields
+# 2: KV checksums are XXH3-64 (were crc32); 3: failover and drain fields; 4: Register.cpu
+PROTOCOL_VERSION = 4
 MAX_HEADER_BYTES = 1 << 20
 MAX_LIST_LEN = 1 << 20  # token ids in a prompt; the header limit usually bites first
 MAX_MAP_LEN = 64
 MAX_STR_LEN = 1 << 16
 MAX_PAYLOAD_FRAMES = 1 << 16
+
+
+NESTED = (KVLayout, WorkerCPU)  # dataclasses that travel inside messages, as maps
 
 
 class WireError(ValueError):
@@ -58,7 +62,7 @@ def _fields_of(obj) -> dict:
     out = {}
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
-        out[f.name] = _fields_of(v) if isinstance(v, KVLayout) else v
+        out[f.name] = _fields_of(v) if isinstance(v, NESTED) else v
     return out
 
 
@@ -214,5 +218,5 @@ def _compile(cls) -> dict[str, Checker]:
 
 
 _CHECKERS: dict[type, dict[str, Checker]] = {
-    cls: _compile(cls) for cls in (KVLayout, *MESSAGES.values())
+    cls: _compile(cls) for cls in (*NESTED, *MESSAGES.values())
 }

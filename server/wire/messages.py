@@ -70,6 +70,19 @@ class KVLayout:
 
 
 @dataclass(frozen=True)
+class WorkerCPU:
+    """How a worker runs on its CPU (see cpu_threads and cpu_linear_plan)."""
+
+    threads: int
+    wait_policy: str
+    cpus: str  # the cores it may run on, "0-3,6"
+    linear: str  # the float32 CPU linear plan it runs; "" where none (not float32 on CPU)
+
+    def __post_init__(self) -> None:
+        _require(self.threads >= 1, f"threads must be positive, got {self.threads}")
+
+
+@dataclass(frozen=True)
 class Register:
     TYPE: ClassVar[str] = "register"
     worker_id: str
@@ -82,6 +95,7 @@ class Register:
     max_model_len: int
     num_blocks: int
     version: str
+    cpu: WorkerCPU | None = None  # None: not a CPU worker
 
     def __post_init__(self) -> None:
         _require(self.role in ROLES, f"role must be one of {ROLES}, got {self.role!r}")

@@ -7,6 +7,7 @@ import socket
 from dataclasses import dataclass, field
 
 from baton.server.config import EngineConfig
+from baton.server.cpu_threads import ThreadPlan
 from baton.server.wire.curve import CurveKeys
 
 ROLES = ("prefill", "decode", "both")
@@ -30,6 +31,7 @@ class WorkerConfig:
     health_host: str = "127.0.0.1"  # where the HTTP probes listen (see worker/health.py)
     health_port: int | None = None  # None: no probes; 0: any free port
     curve: CurveKeys | None = None  # set: every link (router, KV peers) is CURVE-secured
+    threads: ThreadPlan | None = None  # how this process runs on its CPU (see cpu_threads)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

@@ -22,6 +22,7 @@ import httpx
 import pytest
 
 from baton import SamplingParams
+from baton.bench.cluster import CPU_LINEAR
 
 pytestmark = pytest.mark.slow
 
@@ -29,6 +30,7 @@ SUBNET = "10.231.77"  # the test hosts' own addresses, on a bridge this test mak
 HOSTS = {"router": 1, "prefill": 2, "decode": 3}
 WORKER = ["--model", "smollm2", "--max-model-len", "2048", "--device", "cpu"]
 WORKER += ["--dtype", "float32", "--kv-cache-gib", "0.1", "--max-num-batched-tokens", "256"]
+WORKER += ["--cpu-linear", CPU_LINEAR]
 
 
 def sh(*cmd: str) -> None:

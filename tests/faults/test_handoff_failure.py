@@ -53,9 +53,10 @@ def test_a_refused_handoff_is_recomputed_on_the_decode_side(small_decode, refere
 def frozen_decode():
     c = Cluster("disagg")
     try:
-        c.add_worker("p0", "prefill", "--kv-timeout", "1")
-        c.add_worker("d0", "decode", "--kv-timeout", "1")
-        c.add_worker("d1", "decode", "--kv-timeout", "1")
+        for name, role in (("p0", "prefill"), ("d0", "decode"), ("d1", "decode")):
+            c.add_worker(name, role, "--kv-timeout", "1", wait=False)  # they load side by side
+        for name in ("p0", "d0", "d1"):
+            c.wait_worker(name, "ready")
         yield c
     finally:
         c.signal("d0", signal.SIGCONT)

@@ -36,6 +36,25 @@ def test_first_worker_fixes_model_and_layout():
     assert set(pool.workers) == {"p", "d"}
 
 
+def cpu(linear: str) -> dict:
+    return {"threads": 2, "wait_policy": "brief", "cpus": "0-1", "linear": linear}
+
+
+def test_workers_of_a_pool_run_one_cpu_linear_plan():
+    pool = Pool("disagg")
+    assert pool.admit(worker("gpu", "prefill")) is None  # no CPU plan: nothing to agree on
+    assert pool.cpu_linear == ""
+    assert pool.admit(worker("p", "prefill", cpu=cpu("mkl-packed"))) is None
+    why = pool.admit(worker("d", "decode", cpu=cpu("dense@1,mkl-packed@3")))
+    assert "'dense@1,mkl-packed@3' differs from the pool's 'mkl-packed'" in why
+    assert "--cpu-linear mkl-packed" in why
+    assert pool.admit(worker("d", "decode", cpu=cpu("mkl-packed"))) is None
+    assert pool.workers["d"].as_dict()["cpu"]["linear"] == "mkl-packed"
+    # once every worker of a plan is gone, another plan may start the pool again
+    pool.expire(now=11.0, timeout=10.0)
+    assert pool.admit(worker("d2", "decode", cpu=cpu("onednn-packed"))) is None
+
+
 def test_colocated_pool_takes_only_colocated_workers():
     pool = Pool("colocated")
     assert "role" in pool.admit(worker("p", "prefill"))

@@ -202,10 +202,17 @@ def test_prior_output_is_refused_where_it_cannot_resume(tiny_config_dir):
     assert not eng.has_unfinished_requests() and eng.kv_usage == 0.0
 
 
-@pytest.mark.parametrize(("dtype", "packed"), [("float32", True), ("bfloat16", False)])
-def test_float32_cpu_engines_run_packed_linears(tiny_config_dir, dtype, packed):
-    llm = make(tiny_config_dir, device="cpu", dtype=dtype)
+@pytest.mark.parametrize(
+    ("dtype", "plan"), [("float32", "onednn-packed"), ("float32", "dense"), ("bfloat16", "")]
+)
+def test_float32_cpu_engines_run_the_linear_plan_they_are_given(tiny_config_dir, dtype, plan):
+    llm = make(tiny_config_dir, device="cpu", dtype=dtype, cpu_linear=plan or "mkl-packed")
     model = llm.engine.runner.model
-    assert model.packed == packed
-    assert (model.model.layers[0].mlp.down_proj.packed is not None) == packed
+    assert llm.engine.runner.cpu_linear == plan  # bfloat16: none
+    assert (model.model.layers[0].mlp.down_proj.planned is not None) == bool(plan)
     assert len(llm.generate([[5, 6, 7]], GREEDY)[0].token_ids) == 12
+
+
+def test_an_engine_refuses_a_plan_it_cannot_run_by_name(tiny_config_dir):
+    with pytest.raises(ValueError, match="cpu_linear: unknown kernel 'fastest'"):
+        make(tiny_config_dir, device="cpu", dtype="float32", cpu_linear="fastest")

@@ -28,6 +28,7 @@ ROPES = [
         "original_max_position_embeddings": 8192,
     },
 ]
+MKL_PACKED = ((1, "mkl-packed"),)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -43,10 +44,10 @@ def test_linear_matches_nn_linear_unpacked_and_packed(bias, dtype):
             torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
         if dtype != torch.float32:
             with pytest.raises(ValueError, match="float32"):
-                ours.pack(release=True)
+                ours.use_plan(MKL_PACKED, release=True)
             return
-        ours.pack(release=True)
-        assert ours.weight.numel() == 0 and ours.packed is not None  # the unpacked copy is gone
+        ours.use_plan(MKL_PACKED, release=True)
+        assert ours.weight.numel() == 0 and ours.planned is not None  # the unpacked copy is gone
         for x in xs:
             torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
 
@@ -54,7 +55,7 @@ def test_linear_matches_nn_linear_unpacked_and_packed(bias, dtype):
 def test_a_linear_packed_without_release_keeps_its_weight():
     lin = Linear(16, 8, bias=False)
     before = lin.weight.detach().clone()
-    lin.pack(release=False)
+    lin.use_plan(MKL_PACKED, release=False)
     assert torch.equal(lin.weight, before)
 
 
@@ -143,7 +144,7 @@ def test_packed_fused_rows_free_the_stack_and_keep_the_biases(bias):
     parts, x, expected = three_linears(bias)
     with torch.no_grad():
         fused = FusedRows(*parts)
-        fused.pack()
+        fused.use_plan(MKL_PACKED, release=True)
         for got, want in zip(fused(x), expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert fused.weight is None and all(p.weight.numel() == 0 for p in parts)

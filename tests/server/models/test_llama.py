@@ -16,6 +16,7 @@ from baton.server.attention.metadata import build_attention_metadata
 from baton.server.attention.torch_backend import TorchAttentionBackend
 from baton.server.kv_cache import allocate_kv_cache
 from baton.server.loader import load_model
+from baton.server.models.cpu_linear_plan import LinearPlan
 
 BLOCK_SIZE = 16
 NUM_BLOCKS = 8
@@ -71,23 +72,31 @@ def variant(request, tmp_path_factory):
     return build_variant(request.param, tmp_path_factory)
 
 
+def use_plan(model, text: str) -> None:
+    plan = LinearPlan.parse(text)
+    assert model.use_cpu_linear_plan(plan.ranges, keeps_dense="dense" in plan.forms)
+    assert not model.use_cpu_linear_plan(plan.ranges, keeps_dense=False)  # once
+
+
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def packed_variant(request, tmp_path_factory):
     """As `variant`, with our linears packed for MKL as the engine runs them on CPU."""
     model, hf = build_variant(request.param, tmp_path_factory)
-    assert model.pack_cpu_linears() and not model.pack_cpu_linears()  # once
+    use_plan(model, "mkl-packed")
     return model, hf
 
 
-@pytest.fixture(
-    scope="module", params=[(v, p) for p in ("unpacked", "packed") for v in VARIANTS], ids=str
-)
+# as the engine may run float32 CPU linears: each packed form, and two forms by row count
+PLANS = ("none", "mkl-packed", "onednn-packed", "onednn@1,onednn-packed@3")
+
+
+@pytest.fixture(scope="module", params=[(v, p) for p in PLANS for v in VARIANTS], ids=str)
 def either(request, tmp_path_factory):
-    """`variant`, then `packed_variant`, for the tests that compare logits."""
-    name, how = request.param
+    """`variant` as is, and under each CPU linear plan, for the tests that compare logits."""
+    name, plan = request.param
     model, hf = build_variant(name, tmp_path_factory)
-    if how == "packed":
-        assert model.pack_cpu_linears()
+    if plan != "none":
+        use_plan(model, plan)
     return model, hf
 
 
@@ -240,8 +249,15 @@ def test_packing_frees_the_unpacked_weights_and_closes_loading(packed_variant):
     # a tied head shares the embedding, which the lookup still reads
     assert (model.lm_head.weight.numel() == 0) != tied
     assert model.model.embed_tokens.weight.shape == (SHAPES["vocab_size"], SHAPES["hidden_size"])
-    with pytest.raises(ValueError, match="packed"):
+    with pytest.raises(ValueError, match="set up for CPU inference"):
         model.load_weights([])
+
+
+def test_a_plan_that_keeps_dense_weights_frees_nothing(tmp_path_factory):
+    model, _ = build_variant("llama-gqa-llama3-rope", tmp_path_factory)
+    use_plan(model, "dense@1,mkl-packed@4")
+    assert model.model.layers[0].mlp.down_proj.weight.numel() > 0
+    assert model.model.layers[0].self_attn.qkv.weight is not None
 
 
 def test_only_float32_cpu_models_pack(tmp_path):
@@ -251,5 +267,6 @@ def test_only_float32_cpu_models_pack(tmp_path):
     cfg = ModelConfig.from_hf_dict({"model_type": "llama", **SHAPES})
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.fuse_projections()
-    assert not model.pack_cpu_linears() and not model.packed
+    assert not model.use_cpu_linear_plan(((1, "mkl-packed"),), keeps_dense=False)
+    assert model.cpu_plan is None
     assert model.model.layers[0].self_attn.qkv.weight.numel() > 0

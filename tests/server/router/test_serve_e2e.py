@@ -16,6 +16,7 @@ import pytest
 import zmq
 
 from baton import SamplingParams
+from baton.bench.cluster import CPU_LINEAR
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,8 @@ class Server:
     def __init__(self, *args: str) -> None:
         self.port = free_port()
         cmd = [sys.executable, "-m", "baton.server.cli", "serve", "--port", str(self.port)]
-        cmd += ["--device", "cpu", "--dtype", "float32", "--kv-cache-gib", "0.1", *args]
+        cmd += ["--device", "cpu", "--dtype", "float32", "--kv-cache-gib", "0.1"]
+        cmd += ["--cpu-linear", CPU_LINEAR, *args]
         env = {**os.environ, "BATON_LOG_LEVEL": "WARNING"}
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
@@ -207,16 +209,46 @@ def test_malformed_frames_are_dropped_and_the_worker_lives_on(disagg):
 
 def worker_proc(control: str, *args: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "baton.server.cli", "worker", "--router", control]
-    cmd += ["--device", "cpu", "--dtype", "float32", "--kv-cache-gib", "0.1", *args]
+    cmd += ["--device", "cpu", "--dtype", "float32", "--kv-cache-gib", "0.1"]
+    cmd += ["--cpu-linear", CPU_LINEAR, *args]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_incompatible_worker_is_refused(disagg):
-    p = worker_proc(disagg.control, "--role", "decode", "--block-size", "32")
-    out, _ = p.communicate(timeout=120)
-    assert p.returncode != 0
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_idle_workers_use_almost_no_cpu(disagg):
+    disagg.client().completions.create(model="smollm2", prompt=PROMPT, max_tokens=4)
+    pids = disagg.worker_pids()
+    time.sleep(0.5)  # the request's threads go to sleep
+    before = [cpu_seconds(p) for p in pids]
+    t0 = time.monotonic()
+    time.sleep(3.0)
+    elapsed = time.monotonic() - t0
+    used = [(cpu_seconds(p) - b) / elapsed for p, b in zip(pids, before, strict=True)]
+    # no thread spins while there is no work: under 2% of a core each (seen: ~0.2%)
+    assert max(used) < 0.02, used
+
+
+def test_incompatible_workers_are_refused(disagg):
+    layout = worker_proc(disagg.control, "--role", "decode", "--block-size", "32")
+    # its float32 rounding would differ from the pool's (whose plan /workers shows)
+    plan = worker_proc(disagg.control, "--role", "decode", "--cpu-linear", "dense@1,onednn@4")
+    out, _ = layout.communicate(timeout=120)
+    assert layout.returncode != 0
     assert "refused" in out and "layout" in out
-    assert len(disagg.workers()) == 2
+    out, _ = plan.communicate(timeout=120)
+    assert plan.returncode != 0
+    assert f"'dense@1,onednn@4' differs from the pool's '{CPU_LINEAR}'" in out
+    assert f"start it with --cpu-linear {CPU_LINEAR}" in out
+    workers = disagg.workers()
+    assert len(workers) == 2
+    for w in workers:
+        assert w["cpu"]["linear"] == CPU_LINEAR and w["cpu"]["threads"] >= 1
+        assert w["cpu"]["wait_policy"] in ("brief", "environment")
 
 
 def test_worker_joins_a_running_server(disagg):

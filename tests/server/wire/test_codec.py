@@ -41,6 +41,19 @@ SAMPLES = [
     m.Reconnect("unknown worker"),
     m.Generate("r", [1, 2, 3], PARAMS, "", "", prior_output_ids=[4, 5]),
     m.TokenOutput("r", "w", [], None, "abort", None, 0, "draining", retry=True),
+    m.Register(
+        "w1",
+        "prefill",
+        42,
+        "h",
+        "smollm2",
+        LAYOUT,
+        "",
+        8192,
+        100,
+        "0.1",
+        m.WorkerCPU(2, "brief", "0-1", "dense@1,mkl-packed@3"),
+    ),
 ]
 PAYLOAD = [b"abcdefgh", b"ijklmnop"]
 GEN, TOK, REG, DONE, HB, ACK = (SAMPLES[i] for i in (3, 6, 0, 11, 2, 13))

@@ -126,6 +126,7 @@ def test_kv_chunk_knows_its_block_size():
         (lambda: m.KVLayout(30, 16, 3, 64, "float64"), "dtype"),
         (lambda: m.Register("w", "router", 1, "h", "x", LAYOUT, "e", 8, 8, "0"), "role"),
         (lambda: m.Register("w", "both", 1, "h", "x", LAYOUT, "e", 8, -1, "0"), "num_blocks"),
+        (lambda: m.WorkerCPU(0, "brief", "0", ""), "threads"),
         (lambda: m.Heartbeat("w", -1, 0, 0.0, 0, 0, 0), "running"),
         (lambda: m.Generate("r", [1], {}, "", "", prior_output_ids=[-1]), "prior_output_ids"),
         (lambda: m.Generate("r", [1], {}, "d", "tcp://d:1", [2]), "recomputed where it decodes"),
