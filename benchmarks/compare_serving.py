@@ -16,8 +16,7 @@ import asyncio
 import time
 
 import torch
-from common import save_result
-from kv_transfer import served
+from common import save_result, served
 from offline_throughput import hf_generate
 
 from baton.bench import datasets

@@ -23,22 +23,17 @@ decode worker's first, after the handoff.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import multiprocessing as mp
-import os
 import random
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 import zmq
-from common import save_result
+from common import save_result, served
 
 from baton.scheduler.sampling_params import SamplingParams
 from baton.server.kv_cache import allocate_kv_cache, block_bytes
@@ -276,37 +271,6 @@ def print_table(rows: list[dict], methods: list[str]) -> None:
 
 
 # ---- time to first token through `baton serve` -------------------------------------------------
-
-
-@contextlib.contextmanager
-def served(args, mode: str):
-    """`baton serve` in `mode` on a free port; yields its base URL once it says it is listening."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "baton.server.cli", "serve", "--mode", mode, "--port", str(port)]
-    cmd += ["--model", args.model, "--device", args.device, "--dtype", args.dtype]
-    cmd += ["--kv-cache-gib", str(args.kv_cache_gib)]
-    env = {**os.environ, "BATON_LOG_LEVEL": "WARNING"}
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-    )
-    lines: list[str] = []
-    try:
-        while True:
-            line = proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"baton serve --mode {mode} exited:\n" + "".join(lines[-30:]))
-            lines.append(line)
-            if "Baton listening" in line:
-                break
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def token_marks(client, url: str, model: str, prompt: list[int], n: int) -> tuple[list, float]:

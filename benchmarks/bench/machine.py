@@ -8,15 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from baton.server.host_cpu import cpu_model, isa_flags
 
 
 def machine_info() -> dict:
@@ -29,7 +21,8 @@ def machine_info() -> dict:
     except ImportError:
         tf_version = None
     info = {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
+        "cpu_flags": isa_flags(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
