@@ -63,3 +63,13 @@ def smollm2():
         show_progress=False,
         cpu_linear=CPU_LINEAR,  # as the served workers of the tests run it
     )
+
+
+@pytest.fixture(scope="session")
+def disagg():
+    """`baton serve` (1 prefill + 1 decode worker) for the tests that only send it requests."""
+    from tests.server.router.test_serve_e2e import Server
+
+    s = Server("--mode", "disagg")
+    yield s
+    s.stop()

@@ -23,7 +23,6 @@ BASE = ["--model", "smollm2", "--max-model-len", "2048"]
 # NOTE: pinned rather than timed on the host, so every worker (and an offline reference engine
 # given the same plan) rounds alike: greedy text can be compared across them.
 CPU_LINEAR = "mkl-packed"
-# NOTE: one CPU thread each: several workers share this machine's cores
 WORKER = [
     "--cpu-linear",
     CPU_LINEAR,
@@ -33,8 +32,6 @@ WORKER = [
     "float32",
     "--max-num-batched-tokens",
     "256",
-    "--threads",
-    "1",
 ]
 
 
@@ -60,6 +57,7 @@ class Cluster:
         router_args: tuple[str, ...] = (),
         log_dir: str | os.PathLike | None = None,
         env: dict[str, str] | None = None,
+        wait_router: bool = True,
     ) -> None:
         self.mode = mode
         self.port = free_port()
@@ -72,16 +70,18 @@ class Cluster:
         self.router: subprocess.Popen | None = None
         self.workers: dict[str, subprocess.Popen] = {}
         self._starts = 0
-        self.start_router()
+        self.start_router(wait=wait_router)
 
     @classmethod
     @contextlib.contextmanager
     def running(cls, workers: dict[str, tuple[str, ...]], mode: str = "disagg", **kw):
         """A cluster whose `workers` (name -> (role, *flags)) are ready; closed on the way out."""
-        c = cls(mode, **kw)
+        # NOTE: router and workers load side by side; a worker keeps knocking until it answers.
+        c = cls(mode, wait_router=False, **kw)
         try:
-            for name, (role, *flags) in workers.items():  # they load side by side
+            for name, (role, *flags) in workers.items():
                 c.add_worker(name, role, *flags, wait=False)
+            c.wait_router()
             for name in workers:
                 c.wait_worker(name, "ready")
             yield c
@@ -108,10 +108,15 @@ class Cluster:
     def log(self, proc: subprocess.Popen, tail: int = 4000) -> str:
         return proc.log_path.read_text(errors="replace")[-tail:]
 
-    def start_router(self, env: dict[str, str] | None = None) -> None:
+    def start_router(self, env: dict[str, str] | None = None, wait: bool = True) -> None:
         args = ["router", "--port", str(self.port), "--control", self.control]
         args += ["--mode", self.mode, "--heartbeat-timeout", "3", *BASE, *self.router_args]
         self.router = self._spawn("router", args, env)
+        if wait:
+            self.wait_router()
+
+    def wait_router(self) -> None:
+        """Until the router has bound its control socket and answers HTTP."""
         self._wait_line(self.router, "router", "workers connect to", 120)
         deadline = time.monotonic() + 60
         while True:

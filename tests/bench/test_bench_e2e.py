@@ -8,16 +8,12 @@ import sys
 
 import pytest
 
-from tests.server.router.test_serve_e2e import Server
-
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = Server("--mode", "disagg")
-    yield s
-    s.stop()
+@pytest.fixture
+def server(disagg):
+    return disagg
 
 
 def bench(*args: str) -> subprocess.CompletedProcess:

@@ -51,10 +51,11 @@ def test_a_refused_handoff_is_recomputed_on_the_decode_side(small_decode, refere
 
 @pytest.fixture
 def frozen_decode():
-    c = Cluster("disagg")
+    c = Cluster("disagg", wait_router=False)
     try:
         for name, role in (("p0", "prefill"), ("d0", "decode"), ("d1", "decode")):
             c.add_worker(name, role, "--kv-timeout", "1", wait=False)  # they load side by side
+        c.wait_router()
         for name in ("p0", "d0", "d1"):
             c.wait_worker(name, "ready")
         yield c

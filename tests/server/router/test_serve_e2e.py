@@ -106,13 +106,6 @@ def running(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def disagg():
-    s = Server("--mode", "disagg")
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
 def colocated():
     s = Server("--mode", "colocated")
     yield s
