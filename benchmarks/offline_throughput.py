@@ -92,6 +92,7 @@ def _worker(system: str, args: dict, workload: dict, conn) -> None:
         trials = [
             run_baton(llm, workload["prompts"], workload["lens"]) for _ in range(args["repeats"])
         ]
+        extra = {"cpu_linear": llm.engine.runner.cpu_linear}  # the plan it chose here
     else:
         from transformers import AutoModelForCausalLM
 
@@ -104,6 +105,7 @@ def _worker(system: str, args: dict, workload: dict, conn) -> None:
         )
         pad = workload["pad"]
         run_hf(hf, workload["prompts"][:2], [4, 4], 2, pad)  # warm-up
+        extra = {}
         trials = [
             run_hf(hf, workload["prompts"], workload["lens"], workload["hf_bs"], pad)
             for _ in range(args["repeats"])
@@ -115,6 +117,8 @@ def _worker(system: str, args: dict, workload: dict, conn) -> None:
             "trial_seconds": seconds,
             "tokens": trials[0][1],
             "peak_rss_mib": peak_rss_mib(),
+            "threads": torch.get_num_threads(),
+            **extra,
         }
     )
     conn.close()
