@@ -143,7 +143,7 @@ def main() -> None:
         f"shared_cpu_{args.mode}",
         {
             "args": vars(args),
-            "workers": [{k: w.get(k) for k in ("role", "threads", "cpu")} for w in workers],
+            "workers": [{"role": w["role"], "cpu": w.get("cpu")} for w in workers],
             "rows": rows,
             "runs": runs,
             "idle_cpu_pct": idle,

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 PLAN_VERSION = 1  # bump when the measurement or the choice changes: old cache entries then miss
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)  # decode batches, then prefill-sized chunks
-REPEATS = 5
+REPEATS = 3
 # A kernel that keeps another form of the weight (a second copy of it) must beat the plan's own
 # kernels by this much at some row count: within it, timing noise would decide.
 MARGIN = 0.15
