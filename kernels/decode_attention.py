@@ -4,7 +4,8 @@ Stage 1 runs one program per (sequence, kv head, split): it packs the GQA group 
 share the kv head into one [BLOCK_H, D] tile, so every K/V tile is read once and multiplied with
 `tl.dot`, and writes a normalized partial output plus its log-sum-exp. Stage 2 merges the splits.
 Split ranges are computed in the kernel from `seq_lens`, so a fixed `num_splits` needs no host sync
-and the call can be captured in a CUDA graph.
+and the call can be captured in a CUDA graph. The split count is the grid's third dimension (and a
+run-time argument of the merge), never a constexpr: choosing it per step compiles nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from baton.kernels.launch import Arch, Launch, arch_of
 from baton.kernels.utils import check_runnable, interpreting, next_pow2, num_sms
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -22,7 +24,9 @@ MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 32
 
 
-@triton.jit
+# NOTE: the block table's row stride is its width, which changes from step to step in eager
+# mode; specialized, each new width divisible by 16 (or not) would compile another binary.
+@triton.jit(do_not_specialize=["stride_btb"])
 def _decode_stage1(
     q_ptr, k_ptr, v_ptr, bt_ptr, lens_ptr, po_ptr, lse_ptr, out_ptr,
     qk_scale,  # softmax scale * log2(e): the kernel works in exp2
@@ -32,18 +36,19 @@ def _decode_stage1(
     stride_btb, stride_lens,
     stride_ob, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DIRECT: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DIRECT: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    num_splits = tl.num_programs(2)
     num_heads = tl.num_programs(1) * GROUP
 
     seq_len = tl.load(lens_ptr + b * stride_lens)
-    # NOTE: block-aligned, equal ranges derived from seq_len alone, so num_splits may stay fixed
-    # while seq_lens change; trailing splits of short sequences are empty.
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_SIZE) * BLOCK_SIZE
+    # NOTE: equal ranges aligned to the KV tile (so no split ends on a part-filled tile), derived
+    # from seq_len alone, so num_splits may stay fixed while seq_lens change; trailing splits of
+    # short sequences are empty.
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -110,32 +115,32 @@ def _decode_stage1(
         o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        row = (b * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_H]
+        row = (b * num_heads + heads) * num_splits + split  # [BLOCK_H]
         tl.store(po_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=out_mask)
         # Natural-log lse; an empty split keeps m_i = -inf, so its lse is -inf.
         lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
         tl.store(lse_ptr + row, lse, mask=h_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_merge(
-    po_ptr, lse_ptr, out_ptr, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    po_ptr, lse_ptr, out_ptr, stride_ob, stride_oh, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     h = tl.program_id(1)
     row = b * tl.num_programs(1) + h
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s < num_splits
     d_mask = offs_d < HEAD_DIM
-    lse = tl.load(lse_ptr + row * NUM_SPLITS + offs_s, mask=s_mask, other=float("-inf"))
+    lse = tl.load(lse_ptr + row * num_splits + offs_s, mask=s_mask, other=float("-inf"))
     m = tl.max(lse, axis=0)
     # NOTE: m is -inf only for seq_len == 0 (a padded CUDA-graph slot): write zeros, not NaN.
     m = tl.where(m == float("-inf"), 0.0, m)
     w = tl.exp(lse - m)  # [BLOCK_S]; empty splits weigh 0
     po = tl.load(
-        po_ptr + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+        po_ptr + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
         mask=s_mask[:, None] & d_mask[None, :],
         other=0.0,
     )  # [BLOCK_S, BLOCK_D]
@@ -156,11 +161,12 @@ def choose_num_splits(
     return max(1, min(wanted, by_length, MAX_SPLITS))
 
 
-def _launch_config(head_dim: int, block_size: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages). Several cache blocks per tile keep many loads in flight
-    on GPU; the interpreter is quickest with the same few, large tiles (it runs numpy per op)."""
+def _launch_config(arch: Arch, head_dim: int, block_size: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) on `arch` (None: the interpreter). Several cache blocks
+    per tile keep many loads in flight on GPU; the interpreter is quickest with the same few,
+    large tiles (it runs numpy per op)."""
     block_n = max(16, block_size, 64 if head_dim <= 128 else 32)
-    return block_n, 4, 1 if interpreting() else 2
+    return block_n, 4, 1 if arch is None else 2
 
 
 def _check(q, k_cache, v_cache, block_tables, seq_lens, out) -> None:
@@ -227,43 +233,87 @@ def decode_attention(
         num_splits = choose_num_splits(
             batch, num_kv_heads, max_seq_len, block_size, num_sms(q.device)
         )
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {MAX_SPLITS}], got {num_splits}")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if batch == 0:
         return out
-
-    group = num_heads // num_kv_heads
-    block_d = next_pow2(head_dim)
-    block_n, num_warps, num_stages = _launch_config(head_dim, block_size)
-    direct = num_splits == 1
-    if direct:
-        partial = lse = out  # never touched: stage 1 writes `out` itself
-    else:
+    partial = lse = out  # one split: stage 1 writes `out` itself and never touches these
+    if num_splits > 1:
         partial = torch.empty(
             batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
         )
         lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    _decode_stage1[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, partial, lse, out,
-        scale * math.log2(math.e),
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        block_tables.stride(0), seq_lens.stride(0),
-        out.stride(0), out.stride(1),
-        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=max(16, next_pow2(group)),
-        BLOCK_N=block_n, BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, DIRECT=direct,
-        UPCAST=interpreting(), num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
-    if not direct:
-        _decode_merge[(batch, num_heads)](
-            partial, lse, out, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_SPLITS=num_splits,
-            BLOCK_S=max(2, next_pow2(num_splits)), num_warps=4 if block_d >= 128 else 2,
-        )  # fmt: skip
+    arch = None if interpreting() else arch_of(q.device)
+    plan = plan_decode(q, k_cache, v_cache, block_tables, seq_lens, scale, out, partial, lse, arch)
+    for launch in plan:
+        launch.run()
     return out
+
+
+def plan_decode(
+    q, k_cache, v_cache, block_tables, seq_lens, scale, out, partial, lse, arch: Arch
+) -> list[Launch]:
+    """Stage 1 and, with more than one split (the third dim of `partial`), the merge."""
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    direct = partial is out
+    num_splits = 1 if direct else partial.shape[2]
+    group = num_heads // num_kv_heads
+    block_d = next_pow2(head_dim)
+    block_n, num_warps, num_stages = _launch_config(arch, head_dim, block_size)
+    stage1 = Launch(
+        _decode_stage1,
+        (batch, num_kv_heads, num_splits),
+        (
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            seq_lens,
+            partial,
+            lse,
+            out,
+            scale * math.log2(math.e),
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            block_tables.stride(0),
+            seq_lens.stride(0),
+            out.stride(0),
+            out.stride(1),
+        ),  # fmt: skip
+        dict(
+            GROUP=group,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_H=max(16, next_pow2(group)),
+            BLOCK_N=block_n,
+            BLOCK_SIZE=block_size,
+            DIRECT=direct,
+            UPCAST=arch is None,
+        ),  # fmt: skip
+        num_warps,
+        num_stages,
+    )
+    if direct:
+        return [stage1]
+    merge = Launch(
+        _decode_merge,
+        (batch, num_heads),
+        (partial, lse, out, out.stride(0), out.stride(1), num_splits),
+        # NOTE: one tile wide enough for any split count, so the count compiles nothing.
+        dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=MAX_SPLITS),
+        4 if block_d >= 128 else 2,
+        1,
+    )
+    return [stage1, merge]
 
 
 def decode_attention_ref(

@@ -13,9 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
+from baton.kernels.launch import Arch, Launch, arch_of, shared_memory_limit
 from baton.kernels.utils import check_runnable, interpreting, next_pow2
 
 LOG2E = 1.4426950408889634
+SHARED_SLACK = 8 << 10
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -62,7 +64,10 @@ def _load_paged(
     return k, v
 
 
-@triton.jit
+# NOTE: prefills slice the step's block tables and lengths after its decodes, so their row
+# stride (the table's width) and their pointers' alignment change from step to step; each
+# change would compile another binary if they were specialized.
+@triton.jit(do_not_specialize=["bt_ptr", "seq_lens_ptr", "stride_bt"])
 def _extend_attention_kernel(
     q_ptr, k_ptr, v_ptr, kc_ptr, vc_ptr, bt_ptr, qsl_ptr, seq_lens_ptr, out_ptr,
     qk_scale,
@@ -153,31 +158,76 @@ def _extend_attention_kernel(
     tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _launch_config(q: torch.Tensor, head_dim: int, max_query_len: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). NOTE: BLOCK_M % BLOCK_N == 0 is required."""
-    if interpreting() or q.device.type != "cuda":
+# Hopper-class tiles assume 2-byte types; `_fit` shrinks them for wider ones (and smaller GPUs).
+def _base_tiles(arch: Arch, head_dim: int) -> tuple[int, int, int, int]:
+    if head_dim > 128:
+        return 64, 32, 4, 2
+    if head_dim > 64 and arch == (9, 0):
+        return 128, 64, 8, 3  # bf16: Q 32 KiB + 3 stages of K and V at 32 KiB: 128 KiB
+    if head_dim > 64 and arch == (8, 0):
+        return 128, 64, 8, 2
+    if head_dim > 64:
+        return 64, 64, 4, 2
+    return 128, 64, 4, 3
+
+
+def shared_bytes(block_m: int, block_n: int, stages: int, head_dim: int, itemsize: int) -> int:
+    """What the kernel keeps in shared memory: the Q tile, and K and V tiles per stage (as
+    Triton's pipeliner lays them out; the compile check holds this estimate to the real one)."""
+    return (block_m + 2 * stages * block_n) * head_dim * itemsize
+
+
+def _fit(tiles, head_dim: int, itemsize: int, limit: int) -> tuple[int, int, int, int]:
+    """Fewer stages, then narrower K tiles, then shorter Q tiles, until the tiles fit `limit`
+    less SHARED_SLACK (room for the layout conversions Triton adds)."""
+    block_m, block_n, warps, stages = tiles
+    while shared_bytes(block_m, block_n, stages, head_dim, itemsize) > limit - SHARED_SLACK:
+        if stages > 2:
+            stages -= 1
+        elif block_n > 32:
+            block_n //= 2
+        elif stages > 1:
+            stages -= 1
+        elif block_m > 16:
+            block_m //= 2
+            block_n = min(block_n, block_m)
+        else:
+            break
+    return block_m, block_n, warps, stages
+
+
+def launch_config(
+    arch: Arch, dtype: torch.dtype, head_dim: int, max_query_len: int
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) on a GPU of compute capability `arch` (None:
+    the interpreter). NOTE: BLOCK_M % BLOCK_N == 0 is required."""
+    if arch is None:
         # Small tiles keep interpreted tests fast; BLOCK_M > BLOCK_N still covers the path where
         # the diagonal spans several key tiles.
         block_m, block_n, warps, stages = 32, 16, 4, 1
         return min(block_m, max(16, next_pow2(max_query_len))), block_n, warps, stages
-    major, minor = torch.cuda.get_device_capability(q.device)
-    if head_dim > 128:
-        block_m, block_n, warps, stages = 64, 32, 4, 2
-    elif head_dim > 64 and major == 9:
-        # Q (32 KiB) + 3 stages of K/V (32 KiB each) fit Hopper's 228 KiB of shared memory.
-        block_m, block_n, warps, stages = 128, 64, 8, 3
-    elif head_dim > 64 and (major, minor) == (8, 0):
-        block_m, block_n, warps, stages = 128, 64, 8, 2
-    elif head_dim > 64:
-        block_m, block_n, warps, stages = 64, 64, 4, 2
-    else:
-        block_m, block_n, warps, stages = 128, 64, 4, 3
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    block_m, block_n, warps, stages = _fit(
+        _base_tiles(arch, head_dim), head_dim, itemsize, shared_memory_limit(arch)
+    )
     # Short queries (decode-like steps) would leave most of a 128-row tile idle.
     block_m = max(16, min(block_m, next_pow2(max_query_len)))
     block_n = min(block_n, block_m)
     if block_m < 64:
         warps = 4
     return block_m, block_n, warps, stages
+
+
+def query_buckets(arch: Arch, dtype: torch.dtype, head_dim: int) -> list[int]:
+    """One longest-query length per distinct launch config: the variants a server compiles at
+    start (and the compile check compiles), so no prefill length compiles one later."""
+    seen, lens = set(), []
+    for n in (16, 32, 64, 128, 256):
+        cfg = launch_config(arch, dtype, head_dim, n)
+        if cfg not in seen:
+            seen.add(cfg)
+            lens.append(n)
+    return lens
 
 
 def extend_attention(
@@ -253,19 +303,58 @@ def extend_attention(
     if batch == 0 or num_tokens == 0 or max_query_len <= 0:
         return out
 
-    block_m, block_n, num_warps, num_stages = _launch_config(q, head_dim, max_query_len)
-    grid = (batch, num_heads, triton.cdiv(max_query_len, block_m))
-    _extend_attention_kernel[grid](
-        q, k, v, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
-        scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, PAGE=k_cache.shape[1],
-        BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=interpreting(),
-        num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
+    arch = None if interpreting() else arch_of(q.device)
+    plan_extend(
+        q, k, v, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len,
+        scale, out, arch,
+    ).run()  # fmt: skip
     return out
+
+
+def plan_extend(
+    q, k, v, k_cache, v_cache, block_tables, query_start_loc, seq_lens, max_query_len, scale,
+    out, arch: Arch,
+) -> Launch:  # fmt: skip
+    batch, (_, num_heads, head_dim) = seq_lens.shape[0], q.shape
+    block_m, block_n, num_warps, num_stages = launch_config(arch, q.dtype, head_dim, max_query_len)
+    return Launch(
+        _extend_attention_kernel,
+        (batch, num_heads, triton.cdiv(max_query_len, block_m)),
+        (
+            q,
+            k,
+            v,
+            k_cache,
+            v_cache,
+            block_tables,
+            query_start_loc,
+            seq_lens,
+            out,
+            scale * LOG2E,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            block_tables.stride(0),
+            out.stride(0),
+            out.stride(1),
+        ),  # fmt: skip
+        dict(
+            GROUP=num_heads // k.shape[1],
+            HEAD_DIM=head_dim,
+            PAGE=k_cache.shape[1],
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            UPCAST=arch is None,
+        ),  # fmt: skip
+        num_warps,
+        num_stages,
+    )
 
 
 def extend_attention_ref(

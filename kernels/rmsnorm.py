@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from baton.kernels.launch import Launch
 from baton.kernels.utils import check_runnable, next_pow2
 
 # NOTE: a row wider than this is walked in chunks, twice: sum of squares, then normalise.
@@ -65,18 +66,33 @@ def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None 
     check_runnable(x)
 
 
-def _launch(x, residual, weight, eps, out, res_out) -> None:
+def plan_rms_norm(x, residual, weight, eps, out, res_out) -> Launch:
     T, N = x.shape
-    if T == 0:
-        return
     block = min(next_pow2(N), _MAX_BLOCK)
     has_res = residual is not None
-    _rms_norm_kernel[(T,)](
-        x, residual if has_res else x, weight, out, res_out if has_res else out,
-        x.stride(0), residual.stride(0) if has_res else 0, out.stride(0),
-        res_out.stride(0) if has_res else 0, N, eps,
-        HAS_RES=has_res, BLOCK=block, num_warps=min(max(block // 256, 1), 8),
-    )  # fmt: skip
+    return Launch(
+        _rms_norm_kernel,
+        (T,),
+        (
+            x,
+            residual if has_res else x,
+            weight,
+            out,
+            res_out if has_res else out,
+            x.stride(0),
+            residual.stride(0) if has_res else 0,
+            out.stride(0),
+            res_out.stride(0) if has_res else 0,
+            N,
+            eps,
+        ),  # fmt: skip
+        dict(HAS_RES=has_res, BLOCK=block),
+        min(max(block // 256, 1), 8),
+    )
+
+
+def _launch(x, residual, weight, eps, out, res_out) -> None:
+    plan_rms_norm(x, residual, weight, eps, out, res_out).run()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

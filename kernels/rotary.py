@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from baton.kernels.launch import Launch
 from baton.kernels.utils import check_runnable, next_pow2
 
 
@@ -94,16 +95,40 @@ def apply_rotary(q, k, positions, cos_cache, sin_cache) -> tuple[torch.Tensor, t
     T, H, D = q.shape
     if T == 0:
         return q_out, k_out
-    block_d = next_pow2(D // 2)
-    _rotary_kernel[(T,)](
-        q, k, q_out, k_out, positions, cos_cache, sin_cache,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos_cache.stride(0),
-        H, k.shape[1], D // 2,
-        BLOCK_HQ=next_pow2(H), BLOCK_HK=next_pow2(k.shape[1]), BLOCK_D=block_d,
-        num_warps=4 if next_pow2(H) * block_d >= 2048 else 1,
-    )  # fmt: skip
+    plan_rotary(q, k, q_out, k_out, positions, cos_cache, sin_cache).run()
     return q_out, k_out
+
+
+def plan_rotary(q, k, q_out, k_out, positions, cos_cache, sin_cache) -> Launch:
+    T, H, D = q.shape
+    block_d = next_pow2(D // 2)
+    return Launch(
+        _rotary_kernel,
+        (T,),
+        (
+            q,
+            k,
+            q_out,
+            k_out,
+            positions,
+            cos_cache,
+            sin_cache,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            q_out.stride(0),
+            q_out.stride(1),
+            k_out.stride(0),
+            k_out.stride(1),
+            cos_cache.stride(0),
+            H,
+            k.shape[1],
+            D // 2,
+        ),  # fmt: skip
+        dict(BLOCK_HQ=next_pow2(H), BLOCK_HK=next_pow2(k.shape[1]), BLOCK_D=block_d),
+        4 if next_pow2(H) * block_d >= 2048 else 1,
+    )
 
 
 def apply_rotary_ref(q, k, positions, cos_cache, sin_cache) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from baton.kernels.launch import Launch
 from baton.kernels.utils import check_runnable, next_pow2
 
 
@@ -38,13 +39,20 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(T, N, dtype=gate.dtype, device=gate.device)
     if out.numel() == 0:
         return out
-    block = min(next_pow2(N), 1024)
-    grid = (T, triton.cdiv(N, block))
-    _silu_mul_kernel[grid](
-        gate, up, out, gate.stride(0), up.stride(0), out.stride(0), N,
-        BLOCK=block, num_warps=4 if block >= 1024 else 1,
-    )  # fmt: skip
+    plan_silu_and_mul(gate, up, out).run()
     return out
+
+
+def plan_silu_and_mul(gate, up, out) -> Launch:
+    T, N = gate.shape
+    block = min(next_pow2(N), 1024)
+    return Launch(
+        _silu_mul_kernel,
+        (T, triton.cdiv(N, block)),
+        (gate, up, out, gate.stride(0), up.stride(0), out.stride(0), N),
+        dict(BLOCK=block),
+        4 if block >= 1024 else 1,
+    )
 
 
 def silu_and_mul_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

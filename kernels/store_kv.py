@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from baton.kernels.launch import Launch
 from baton.kernels.utils import check_runnable, next_pow2
 
 
@@ -66,15 +67,38 @@ def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     T, H, D = k.shape
     if T == 0:
         return
+    plan_store_kv(k, v, k_cache, v_cache, slot_mapping).run()
+
+
+def plan_store_kv(k, v, k_cache, v_cache, slot_mapping) -> Launch:
+    T, H, D = k.shape
     block_h, block_d = next_pow2(H), next_pow2(D)
-    _store_kv_kernel[(T,)](
-        k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        H, D, k_cache.shape[1],
-        BLOCK_H=block_h, BLOCK_D=block_d, num_warps=4 if block_h * block_d >= 2048 else 1,
-    )  # fmt: skip
+    return Launch(
+        _store_kv_kernel,
+        (T,),
+        (
+            k,
+            v,
+            k_cache,
+            v_cache,
+            slot_mapping,
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            H,
+            D,
+            k_cache.shape[1],
+        ),  # fmt: skip
+        dict(BLOCK_H=block_h, BLOCK_D=block_d),
+        4 if block_h * block_d >= 2048 else 1,
+    )
 
 
 def store_kv_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
