@@ -15,7 +15,13 @@ from baton.scheduler.sampling_params import SamplingParams
 from baton.scheduler.sequence import Sequence
 from baton.server.config import EngineConfig, resolve_max_model_len
 from baton.server.detokenizer import IncrementalDetokenizer
-from baton.server.kv_cache import block_bytes, cuda_kv_budget, num_blocks_for_budget
+from baton.server.kv_cache import (
+    activation_bytes,
+    block_bytes,
+    cuda_kv_budget,
+    max_useful_blocks,
+    num_blocks_for_budget,
+)
 from baton.server.loader import load_model
 from baton.server.model_runner import ModelRunner
 from baton.server.outputs import CompletionOutput, RequestOutput
@@ -93,9 +99,18 @@ class LLMEngine:
         per_block = block_bytes(
             mc.num_hidden_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, self.dtype
         )
-        num_blocks = config.num_kv_blocks or num_blocks_for_budget(
-            self._kv_budget_bytes(config), per_block
-        )
+        num_blocks = config.num_kv_blocks
+        if num_blocks is None:
+            budgeted = num_blocks_for_budget(self._kv_budget_bytes(config, mc), per_block)
+            useful = max_useful_blocks(config.max_num_seqs, self.max_model_len, config.block_size)
+            num_blocks = min(budgeted, useful)
+            if useful < budgeted:
+                logger.info(
+                    "KV cache: %d blocks fit the budget; keeping %d (every sequence at its "
+                    "longest, twice over)",
+                    budgeted,
+                    useful,
+                )
         self.cache_config = CacheConfig(
             num_blocks=num_blocks,
             block_size=config.block_size,
@@ -142,10 +157,19 @@ class LLMEngine:
             self.runner.backend.name,
         )
 
-    def _kv_budget_bytes(self, config: EngineConfig) -> int:
-        if self.device.type == "cuda":
-            return cuda_kv_budget(self.device, config.gpu_memory_utilization)
-        return int(config.kv_cache_gib * 2**30)
+    def _kv_budget_bytes(self, config: EngineConfig, mc) -> int:
+        if self.device.type != "cuda":
+            return int(config.kv_cache_gib * 2**30)
+        activations = activation_bytes(
+            mc.hidden_size,
+            mc.intermediate_size,
+            (mc.num_attention_heads + 2 * mc.num_key_value_heads) * mc.head_dim,
+            mc.vocab_size,
+            max(config.max_num_batched_tokens, self.max_model_len),
+            config.max_num_seqs,
+            torch.empty((), dtype=self.dtype).element_size(),
+        )
+        return cuda_kv_budget(self.device, config.gpu_memory_utilization, activations)
 
     # ---- requests -------------------------------------------------------------------------
 

@@ -40,8 +40,49 @@ def num_blocks_for_budget(budget_bytes: int, per_block: int) -> int:
     return int(n)
 
 
-def cuda_kv_budget(device: torch.device, gpu_memory_utilization: float) -> int:
-    """Bytes the cache may take: the utilization fraction of total memory, minus what is in use."""
-    free, total = torch.cuda.mem_get_info(device)
-    used = total - free
-    return max(0, int(total * gpu_memory_utilization) - used)
+def cuda_kv_budget(
+    device: torch.device,
+    gpu_memory_utilization: float,
+    activation_bytes: int,
+    mem_get_info=None,
+    memory_reserved=None,
+    memory_allocated=None,
+) -> int:
+    """Bytes the cache may take: the utilization fraction of the device, less what others use,
+    less what this process holds, less room for a step's activations.
+
+    NOTE: `mem_get_info` counts what PyTorch's allocator has cached (reserved, free for reuse)
+    as used, so a second engine in one process would see no room; memory held by other
+    processes and the CUDA context is (total - free) - reserved, and only this process's live
+    tensors (weights, another engine's cache) are really taken.
+    """
+    mem_get_info = mem_get_info or torch.cuda.mem_get_info
+    memory_reserved = memory_reserved or torch.cuda.memory_reserved
+    memory_allocated = memory_allocated or torch.cuda.memory_allocated
+    free, total = mem_get_info(device)
+    others = max(0, (total - free) - memory_reserved(device))
+    mine = memory_allocated(device)
+    return max(0, int(total * gpu_memory_utilization) - others - mine - activation_bytes)
+
+
+def activation_bytes(
+    hidden: int,
+    intermediate: int,
+    qkv_width: int,
+    vocab: int,
+    max_tokens: int,
+    max_seqs: int,
+    itemsize: int,
+) -> int:
+    """A bound on one step's live activations: two layers' worth of hidden states, the qkv and
+    gate-up projections for every scheduled token, and fp32 logits (with their softmax) for
+    every sequence."""
+    per_token = 3 * hidden + qkv_width + 3 * intermediate
+    return 2 * max_tokens * per_token * itemsize + 2 * max_seqs * vocab * 4
+
+
+def max_useful_blocks(max_num_seqs: int, max_model_len: int, block_size: int) -> int:
+    """Blocks past this are never needed at once: every sequence at its longest, twice over
+    (the second half keeps prefixes cached). A tiny model on a large GPU would otherwise get
+    millions of blocks, each a Python object in the block manager."""
+    return 2 * max_num_seqs * -(-max_model_len // block_size)

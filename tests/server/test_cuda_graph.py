@@ -40,6 +40,7 @@ def test_graph_replays_equal_eager_steps(tiny_config_dir):
                 show_progress=False,
                 cuda_graphs=cuda_graphs,
                 max_num_seqs=8,
+                num_kv_blocks=64,  # two engines in one process: no budget from free memory
             )
         )
         assert (eng.runner.graphs is not None) == cuda_graphs

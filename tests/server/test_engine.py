@@ -8,6 +8,7 @@ import random
 import pytest
 
 from baton import LLM, SamplingParams
+from baton.server.kv_cache import max_useful_blocks
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
@@ -216,3 +217,9 @@ def test_float32_cpu_engines_run_the_linear_plan_they_are_given(tiny_config_dir,
 def test_an_engine_refuses_a_plan_it_cannot_run_by_name(tiny_config_dir):
     with pytest.raises(ValueError, match="cpu_linear: unknown kernel 'fastest'"):
         make(tiny_config_dir, device="cpu", dtype="float32", cpu_linear="fastest")
+
+
+def test_a_tiny_model_gets_only_the_blocks_its_batch_can_use(tiny_config_dir):
+    llm = make(tiny_config_dir, kv_cache_gib=4.0, max_num_seqs=4, max_model_len=64)
+    # 4 GiB would hold ~500k of these 8 KiB blocks; 4 sequences of 64 tokens use 16 at most.
+    assert llm.engine.cache_config.num_blocks == max_useful_blocks(4, 64, 16)

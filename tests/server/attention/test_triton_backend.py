@@ -63,6 +63,7 @@ def run_engine(model: str, backend: str, device: str = DEVICE, dtype: str = "flo
             dtype=dtype,
             attention_backend=backend,
             max_num_batched_tokens=24,  # 40-token prompts prefill in chunks
+            num_kv_blocks=64,
             show_progress=False,
             detokenize=False,
         )
@@ -122,6 +123,7 @@ def test_engine_on_cuda_equals_transformers(tmp_path):
                 device="cuda",
                 dtype="float32",
                 cuda_graphs=graphs,
+                num_kv_blocks=64,
                 show_progress=False,
                 detokenize=False,
             )
