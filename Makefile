@@ -3,7 +3,9 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install test lint format serve clean deploy-tools deploy-check
+TRITON_OLDEST ?= 3.6.0
+
+.PHONY: install test lint format serve clean deploy-tools deploy-check gpu-check compile-check
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +30,14 @@ deploy-check: deploy-tools
 test: install deploy-tools
 	$(PY) -m pytest -q
 
+# Every kernel variant, sm_90 and sm_80, bf16/fp16/fp32, compiled on this CPU: under the Triton
+# `make install` resolved, then under the oldest one pyproject allows (the GPU machine's).
+compile-check: install
+	BATON_COMPILE_MATRIX=full $(PY) -m pytest -q -s -k compile tests/kernels/test_compile.py
+	$(PIP) install -q --no-deps --target .cache/triton-$(TRITON_OLDEST) triton==$(TRITON_OLDEST)
+	PYTHONPATH=.cache/triton-$(TRITON_OLDEST) BATON_COMPILE_MATRIX=full \
+		$(PY) -m pytest -q -s -k compile tests/kernels/test_compile.py
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -35,6 +45,11 @@ lint: install
 format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# The first run on a bare GPU machine: its own python3, no `make install` (DRY_RUN=1: the plan and
+# an import check, no CUDA).
+gpu-check:
+	python3 benchmarks/gpu_check.py $(if $(DRY_RUN),--dry-run,)
 
 serve: install
 	$(PY) -m baton.server.cli serve $(SERVE_ARGS)

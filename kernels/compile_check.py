@@ -153,10 +153,12 @@ def main() -> None:
         ok = fits == r.get("expect_fit", True) and r["error"] is None
         bad += not ok
         print(("ok   " if ok else "FAIL ") + (r.get("describe") or f"{r['id']}: {r['error']}"))
-    print(f"{len(results)} variants compiled, {bad} failed")
+    import triton
+
+    print(f"{len(results)} variants compiled by triton {triton.__version__}, {bad} failed")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"matrix": args.matrix, "cases": results}, f, indent=1)
+            json.dump({"matrix": args.matrix, "triton": triton.__version__, "cases": results}, f)
     sys.exit(1 if bad else 0)
 
 

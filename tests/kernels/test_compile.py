@@ -32,8 +32,22 @@ def compiled(tmp_path_factory) -> dict[str, dict]:
         pytest.fail(
             f"the compile check did not finish:\n{proc.stdout[-4000:]}{proc.stderr[-4000:]}"
         )
-    print(proc.stdout.splitlines()[-1])  # "<n> variants compiled, <m> failed"
+    print(proc.stdout.splitlines()[-1])  # "<n> variants compiled by triton <v>, <m> failed"
     return {c["id"]: c for c in json.loads(out.read_text())["cases"]}
+
+
+def test_installed_triton_is_in_the_supported_range():
+    import tomllib
+    from pathlib import Path
+
+    import triton
+    from packaging.requirements import Requirement
+
+    pyproject = Path(__file__).parents[2] / "pyproject.toml"
+    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    req = next(Requirement(d) for d in deps if d.startswith("triton"))
+    assert req.specifier.contains(triton.__version__), (triton.__version__, str(req.specifier))
+    assert not req.specifier.contains("3.5.0")  # the GPU machine's 3.6 is the floor
 
 
 def test_compile_matrix_covers_every_kernel_model_and_dtype():
