@@ -8,8 +8,8 @@ import torch
 
 from baton.scheduler.batch import ScheduledBatch
 from baton.server.attention import ForwardContext, get_attention_backend
-from baton.server.attention.metadata import build_attention_metadata
 from baton.server.cuda_graph import DecodeGraphs, capture_sizes
+from baton.server.input_batch import InputBatch
 from baton.server.kv_cache import allocate_kv_cache
 from baton.server.models.cpu_linear import is_cpu_float32
 from baton.server.models.cpu_linear_plan import resolve_plan
@@ -55,6 +55,7 @@ class ModelRunner:
             num_blocks, num_layers, block_size, num_kv_heads, head_dim, dtype, device
         )
         self.sampler = Sampler()
+        self.inputs = InputBatch(max_num_seqs, max_model_len, block_size, device)
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and device.type == "cuda" and self.fused_ops:
             self.graphs = DecodeGraphs(
@@ -71,39 +72,23 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> dict[str, SampleResult]:
         """Run one step; returns a sample for every sequence that reached its last known token."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        query_lens, seq_lens, tables = [], [], []
-        sample_rows: list[int] = []
-        sample_seqs = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            start = seq.num_computed_tokens
-            tokens = seq.token_ids
-            input_ids.extend(tokens[start : start + n])
-            positions.extend(range(start, start + n))
-            query_lens.append(n)
-            seq_lens.append(start + n)
-            tables.append(seq.block_table)
-            if start + n == seq.num_tokens:
-                sample_rows.append(len(input_ids) - 1)
-                sample_seqs.append(seq)
-        if not input_ids:
+        inputs = self.inputs.prepare(batch)
+        if inputs is None:
             return {}
-        meta = build_attention_metadata(query_lens, seq_lens, tables, self.block_size, self.device)
+        meta = inputs.meta
         self.backend.prepare(meta)
         ctx = ForwardContext(self.backend, meta, self.kv_cache, fused_ops=self.fused_ops)
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         if self.graphs is not None and self.graphs.can_run(meta):
-            hidden = self.graphs.run(ids, pos, meta)
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, meta)
         else:
-            hidden = self.model(ids, pos, ctx)
-        if not sample_seqs:
+            hidden = self.model(inputs.input_ids, inputs.positions, ctx)
+        if not inputs.sample_seqs:
             return {}
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden[rows])
-        results = self.sampler(logits, sample_seqs)
-        return {s.seq_id: r for s, r in zip(sample_seqs, results, strict=True)}
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        results = self.sampler(logits, inputs.sample_seqs)
+        return {s.seq_id: r for s, r in zip(inputs.sample_seqs, results, strict=True)}
 
     def release(self, seq_id: str) -> None:
+        """Forget a sequence that ended (finished, aborted or handed off)."""
         self.sampler.release(seq_id)
+        self.inputs.release(seq_id)

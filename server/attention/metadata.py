@@ -1,4 +1,5 @@
-"""Build the per-step AttentionMetadata from plain lists (done once per step, on the host)."""
+"""Per-step AttentionMetadata: built from plain lists on the host (tests, reference), and the
+positions and slot mapping that the model runner computes with device ops instead."""
 
 from __future__ import annotations
 
@@ -44,3 +45,33 @@ def build_attention_metadata(
         block_size=block_size,
         extras={},
     )
+
+
+def token_positions(
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int, all_decodes: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device-side: the sequence and the position of each new token, both [T] int64.
+
+    Sequence `i`'s new tokens are the last `query_lens[i]` of its `seq_lens[i]`, so token `t`
+    sits at `seq_lens[i] - query_start_loc[i + 1] + t`.
+    """
+    # query_start_loc: [B + 1] int32; seq_lens: [B] int32
+    n = seq_lens.shape[0]
+    lens = seq_lens.long()
+    if all_decodes:  # one token per sequence: skip the repeat
+        return torch.arange(n, device=lens.device), lens - 1
+    qsl = query_start_loc.long()
+    seq_idx = torch.repeat_interleave(
+        torch.arange(n, device=lens.device), qsl[1:] - qsl[:-1], output_size=num_tokens
+    )
+    positions = torch.arange(num_tokens, device=lens.device) + (lens - qsl[1:])[seq_idx]
+    return seq_idx, positions
+
+
+def slot_mapping(
+    block_tables: torch.Tensor, seq_idx: torch.Tensor, positions: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """Device-side: the cache slot of each new token, [T] int64."""
+    # block_tables: [B, max_blocks] int32; seq_idx, positions: [T] int64
+    blocks = block_tables[seq_idx, positions // block_size].long()
+    return blocks * block_size + positions % block_size
