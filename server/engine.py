@@ -138,6 +138,7 @@ class LLMEngine:
             config.attention_backend,
             max_model_len=self.max_model_len,
             max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=budget,
             cuda_graphs=config.cuda_graphs,
             cpu_linear=config.cpu_linear,
         )

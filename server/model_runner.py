@@ -14,6 +14,7 @@ from baton.server.kv_cache import allocate_kv_cache
 from baton.server.models.cpu_linear import is_cpu_float32
 from baton.server.models.cpu_linear_plan import resolve_plan
 from baton.server.sampler import Sampler, SampleResult
+from baton.server.warmup import compile_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class ModelRunner:
         attention_backend: str | None,
         max_model_len: int = 0,
         max_num_seqs: int = 1,
+        max_num_batched_tokens: int = 0,
         cuda_graphs: bool = False,
         cpu_linear: str = "auto",
     ) -> None:
@@ -56,6 +58,16 @@ class ModelRunner:
         )
         self.sampler = Sampler()
         self.inputs = InputBatch(max_num_seqs, max_model_len, block_size, device)
+        if device.type == "cuda" and self.fused_ops:  # so no serving step compiles a kernel
+            compile_kernels(
+                model,
+                self.backend,
+                self.kv_cache,
+                block_size,
+                max_num_batched_tokens or max_model_len,
+                max_model_len,
+                self.fused_ops,
+            )
         self.graphs: DecodeGraphs | None = None
         if cuda_graphs and device.type == "cuda" and self.fused_ops:
             self.graphs = DecodeGraphs(
