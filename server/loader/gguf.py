@@ -19,8 +19,6 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 from baton.server.config import cache_root
 from baton.server.model_config import SUPPORTED_MODEL_TYPES, ModelConfig
 
@@ -115,6 +113,8 @@ def dequantize_to_folder(gguf_path: Path, folder: Path) -> None:
 
 
 def _dequantize_to_folder(gguf_path: Path, folder: Path) -> None:
+    # NOTE: imported here: the router reads a converted folder without torch or transformers.
+    import torch
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -137,3 +137,10 @@ def _dequantize_to_folder(gguf_path: Path, folder: Path) -> None:
     if hf.generation_config is not None:
         hf.generation_config.save_pretrained(str(folder))
     AutoTokenizer.from_pretrained(directory, gguf_file=name).save_pretrained(str(folder))
+
+
+if __name__ == "__main__":  # the router converts in a child process: it never imports torch
+    import sys
+
+    logging.basicConfig(level=logging.INFO)
+    print(gguf_to_hf_folder(Path(sys.argv[1])))

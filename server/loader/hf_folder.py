@@ -7,9 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
-from tqdm.auto import tqdm
+# NOTE: torch, safetensors and tqdm load lazily: the router inspects folders (config,
+# tokenizer) without importing torch.
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -35,10 +34,11 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(
-    folder: Path, show_progress: bool = True
-) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_safetensors(folder: Path, show_progress: bool = True) -> Iterator[tuple[str, Any]]:
     """Yields (name, tensor) on the host, one at a time, so peak memory stays one tensor."""
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
     files = safetensors_files(folder)
     total = 0
     for f in files:

@@ -29,18 +29,15 @@ class ServeConfig:
 
 
 def build_backend(config: ServeConfig) -> ZmqBackend:
-    from baton.server.loader import resolve_model
+    from baton.server.router.model_files import router_model
 
-    spec = resolve_model(config.model, config.load_format)
+    spec = router_model(config.model, config.load_format)
     # NOTE: the engine's own rule, so workers started with the same flags always cover it.
-    max_len = resolve_max_model_len(config.max_model_len, spec.config.max_position_embeddings)
-    tokenizer = spec.load_tokenizer()
-    if tokenizer is None:
-        raise ValueError(f"model: {config.model!r} has no tokenizer; the router needs one")
+    max_len = resolve_max_model_len(config.max_model_len, spec.max_position_embeddings)
     metrics = Metrics()
     return ZmqBackend(
         config.router,
-        tokenizer,
+        spec.tokenizer,
         max_len,
         spec.name,
         block_size=config.block_size,
