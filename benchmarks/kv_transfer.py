@@ -103,23 +103,37 @@ def sender(endpoint: str, plan: list[int], repeats: int, chunk_blocks: int, tota
         prompt = [1] * (n * shape.block_size)
         for r in range(repeats + 1):  # the first round warms the socket up, untimed
             rid = f"bench-{n}-{r}"
-            sock.send_multipart(codec.encode(m.KVOpen(rid, "bench", prompt, params, layout)))
+            opening = m.KVOpen(
+                request_id=rid,
+                prefill_worker_id="bench",
+                prompt_token_ids=prompt,
+                params=params,
+                layout=layout,
+            )
+            sock.send_multipart(codec.encode(opening))
             reply, _ = codec.decode(sock.recv_multipart(copy=False))
             assert isinstance(reply, m.KVOpenReply) and reply.ok, reply
             for s in range(0, n, chunk_blocks):
                 part = ids[s : s + chunk_blocks]
                 frames = block_frames(cache, part)
                 chunk = m.KVChunk(
-                    rid,
-                    s,
-                    len(part),
-                    list(cache.shape[1:]),
-                    layout.dtype,
-                    sum(f.nbytes for f in frames),
-                    frames_checksum(frames),
+                    request_id=rid,
+                    first_block=s,
+                    num_blocks=len(part),
+                    block_shape=list(cache.shape[1:]),
+                    dtype=layout.dtype,
+                    nbytes=sum(f.nbytes for f in frames),
+                    checksum=frames_checksum(frames),
                 )
                 sock.send_multipart(codec.encode(chunk, frames), copy=False)
-            sock.send_multipart(codec.encode(m.KVDone(rid, n, 0, None, 0)))
+            done = m.KVDone(
+                request_id=rid,
+                num_blocks=n,
+                first_token=0,
+                first_logprobs=None,
+                num_cached_tokens=0,
+            )
+            sock.send_multipart(codec.encode(done))
             ack, _ = codec.decode(sock.recv_multipart(copy=False))
             assert isinstance(ack, m.KVAck) and ack.ok, ack
     sock.close()
@@ -139,7 +153,9 @@ def receive_one(sock: zmq.Socket, cache: torch.Tensor, dst: list[int], timeout_m
     peer, opened, _ = recv()
     assert isinstance(opened, m.KVOpen) and opened.layout == layout_of(cache), opened
     t0 = time.perf_counter()
-    sock.send_multipart([peer, *codec.encode(m.KVOpenReply(opened.request_id, True, ""))])
+    sock.send_multipart(
+        [peer, *codec.encode(m.KVOpenReply(request_id=opened.request_id, ok=True, reason=""))]
+    )
     while True:
         _, msg, payload = recv()
         if isinstance(msg, m.KVDone):
@@ -150,7 +166,9 @@ def receive_one(sock: zmq.Socket, cache: torch.Tensor, dst: list[int], timeout_m
         part = dst[msg.first_block : msg.first_block + msg.num_blocks]
         write_blocks(cache, part, payload, msg.block_shape, msg.dtype)
     dt = time.perf_counter() - t0
-    sock.send_multipart([peer, *codec.encode(m.KVAck(opened.request_id, True, ""))])
+    sock.send_multipart(
+        [peer, *codec.encode(m.KVAck(request_id=opened.request_id, ok=True, reason=""))]
+    )
     return dt
 
 
@@ -231,13 +249,13 @@ def frames_in_process(src, dst_cache, n: int, total: int, chunk_blocks: int) -> 
     for s in range(0, n, chunk_blocks):
         frames = block_frames(src, ids[s : s + chunk_blocks])
         chunk = m.KVChunk(
-            "bench",
-            s,
-            len(frames),
-            list(src.shape[1:]),
-            layout_of(src).dtype,
-            sum(f.nbytes for f in frames),
-            frames_checksum(frames),
+            request_id="bench",
+            first_block=s,
+            num_blocks=len(frames),
+            block_shape=list(src.shape[1:]),
+            dtype=layout_of(src).dtype,
+            nbytes=sum(f.nbytes for f in frames),
+            checksum=frames_checksum(frames),
         )
         msg, payload = codec.decode(codec.encode(chunk, frames))
         if frames_checksum(payload) != msg.checksum:

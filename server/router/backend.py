@@ -77,6 +77,7 @@ class ZmqBackend:
         self.streams: dict[str, Stream] = {}  # by request id
         self.attempts: dict[str, Stream] = {}  # by the id of their current attempt on the wire
         self._peer_fds: dict[int, str] = {}  # socket fd -> the worker whose frames came on it
+        self._outdated: set[bytes] = set()  # identities told their protocol version is not ours
         self._tasks: list[asyncio.Task] = []
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -114,12 +115,41 @@ class ZmqBackend:
             try:
                 msg, _ = codec.decode(frames[1:])
             except codec.WireError as e:
-                logger.warning("dropped a malformed frame from %r: %s", ident[:64], e)
+                await self._on_undecodable(ident, frames[1:], e)
                 continue
             try:
                 await self._dispatch(ident.decode("utf-8", "replace"), msg, frames[1])
             except Exception:  # a bug handling one message must not stop the router
                 logger.exception("error handling %s", type(msg).__name__)
+
+    async def _on_undecodable(self, ident: bytes, frames, error: codec.WireError) -> None:
+        """A Register of another protocol version is answered, in that version where this
+        router can write it, with a refusal naming both versions: the worker stops at once
+        instead of waiting for an answer it cannot read. Every other bad frame is dropped."""
+        try:
+            name, version = codec.peek(frames)
+        except codec.WireError:
+            name = version = None
+        if name != m.Register.TYPE or version == codec.PROTOCOL_VERSION:
+            logger.warning("dropped a malformed frame from %r: %s", ident[:64], error)
+            return
+        ours = codec.PROTOCOL_VERSION
+        who = "worker" if version < ours else "router"
+        reason = f"protocol version {version} is not this router's {ours}: upgrade the {who}"
+        reply = m.RegisterReply(accepted=False, reason=reason)
+        try:
+            frames = codec.encode_as(reply, version)
+        except ValueError:  # a version this router cannot write: its own, for newer workers
+            frames = codec.encode(reply)
+        if ident not in self._outdated:
+            if len(self._outdated) >= 4096:  # bounded: identities are the peers' to choose
+                self._outdated.clear()
+            self._outdated.add(ident)
+            logger.warning("refused worker %r: %s", ident[:64].decode("utf-8", "replace"), reason)
+        try:
+            await self.sock.send_multipart([ident, *frames])
+        except zmq.ZMQError as e:
+            logger.warning("could not refuse worker %r: %s", ident[:64], e)
 
     async def _dispatch(self, ident: str, msg, frame: zmq.Frame | None = None) -> None:
         if isinstance(msg, m.Register):
@@ -130,7 +160,7 @@ class ZmqBackend:
         w = self.pool.workers.get(ident)
         if w is None:
             if isinstance(msg, m.Heartbeat):  # this router restarted, or dropped the worker
-                await self._send(ident, m.Reconnect("this router does not know you"))
+                await self._send(ident, m.Reconnect(reason="this router does not know you"))
             else:
                 logger.warning("dropped a %s from unregistered %r", type(msg).__name__, ident)
             return
@@ -139,15 +169,16 @@ class ZmqBackend:
         w.last_seen = time.monotonic()
         if isinstance(msg, m.Heartbeat):
             if w.state == "dead":  # back after being given up: its old work went elsewhere
-                await self._send(ident, m.Reconnect("declared dead earlier; register again"))
+                await self._send(ident, m.Reconnect(reason="declared dead earlier; register again"))
                 return
             w.state = "draining" if msg.draining else "ready"
             w.running, w.waiting = msg.running, msg.waiting
             w.kv_usage, w.num_free_blocks = msg.kv_usage, msg.num_free_blocks
             if self.metrics is not None:
                 self.metrics.observe_prefix_cache(ident, msg.prefix_queries, msg.prefix_hits)
-        elif isinstance(msg, m.TokenOutput):
-            if msg.queue_time_s is not None and self.metrics is not None:
+        elif isinstance(msg, m.TokenOutput | m.RequestFailed):
+            first = isinstance(msg, m.TokenOutput) and msg.queue_time_s is not None
+            if first and self.metrics is not None:
                 self.metrics.observe_queue_time(msg.queue_time_s)
             stream = self.attempts.get(msg.request_id)
             if stream is not None:
@@ -209,7 +240,7 @@ class ZmqBackend:
                 msg.pid,
                 msg.num_blocks,
             )
-        await self._send(ident, m.RegisterReply(reason is None, reason or ""))
+        await self._send(ident, m.RegisterReply(accepted=reason is None, reason=reason or ""))
 
     async def _expire_loop(self) -> None:
         while True:
@@ -296,11 +327,11 @@ class ZmqBackend:
             self.pool.workers[wid].assigned.add(wire_id)
             self.pool.workers[wid].served += 1
         gen = m.Generate(
-            wire_id,
-            stream.prompt_token_ids,
-            m.params_to_dict(stream.params),
-            decode.worker_id if decode else "",
-            decode.kv_endpoint if decode else "",
+            request_id=wire_id,
+            prompt_token_ids=stream.prompt_token_ids,
+            params=m.params_to_dict(stream.params),
+            decode_worker_id=decode.worker_id if decode else "",
+            decode_endpoint=decode.kv_endpoint if decode else "",
             prior_output_ids=list(stream.generated),
         )
         return await self._send(first.worker_id, gen)
@@ -343,7 +374,7 @@ class ZmqBackend:
                 continue
             w.assigned.discard(stream.wire_id)
             if abort and w.state != "dead":
-                await self._send(wid, m.Abort(stream.wire_id))
+                await self._send(wid, m.Abort(request_id=stream.wire_id))
 
     async def _next(self, stream: Stream):
         if stream.deadline is None:
@@ -371,13 +402,13 @@ class ZmqBackend:
                     continue
                 if msg.request_id != stream.wire_id:
                     continue  # a late message of an abandoned attempt
-                if msg.error and msg.retry:
+                if isinstance(msg, m.RequestFailed) and msg.retry:
                     # A failed handoff falls back to recomputing where the request decodes.
                     handoff_failed = len(stream.workers) == 2 and msg.worker_id == stream.workers[0]
                     target = stream.workers[1] if handoff_failed else None
                     await self._replan(stream, msg.error, msg.worker_id, recompute_on=target)
                     continue
-                if msg.error:
+                if isinstance(msg, m.RequestFailed):  # the request's own fault: the client's error
                     finished = True
                     raise RequestFailed(f"worker {msg.worker_id}: {msg.error}", 500)
                 if msg.finish_reason is None and not msg.token_ids:

@@ -5,6 +5,10 @@ msgpack is told the largest string, array and map before it allocates, the field
 exact, every value is checked against its dataclass annotation, and a KVChunk's payload must be
 exactly `num_blocks` frames of one block each. Anything off raises WireError, which callers log
 and drop; nothing else escapes `decode`.
+
+Peers of another protocol version: `decode` refuses their frames, but `peek` still reads a
+header's type and version, and `encode_as` writes the few messages whose fields have not changed
+in an older version's header, so a router can tell an outdated worker why it is refused.
 """
 
 from __future__ import annotations
@@ -16,10 +20,14 @@ from collections.abc import Callable
 
 import msgpack
 
-from baton.server.wire.messages import MESSAGES, KVChunk, KVLayout, WorkerCPU
+from baton.server.wire.messages import MESSAGES, KVChunk, KVLayout, RegisterReply, WorkerCPU
 
-# 2: KV checksums are XXH3-64 (were crc32); 3: failover and drain fields; 4: Register.cpu
-PROTOCOL_VERSION = 4
+# 2: KV checksums are XXH3-64 (were crc32); 3: failover and drain fields; 4: Register.cpu;
+# 5: a failure is its own RequestFailed (TokenOutput lost error and retry), Register lost version
+PROTOCOL_VERSION = 5
+# The first version whose fields of a message are this version's: `encode_as` may write it for a
+# peer of any version from there on (the header's layout has been the same since version 1).
+UNCHANGED_SINCE = {RegisterReply.TYPE: 1}
 MAX_HEADER_BYTES = 1 << 20
 MAX_LIST_LEN = 1 << 20  # token ids in a prompt; the header limit usually bites first
 MAX_MAP_LEN = 64
@@ -43,13 +51,27 @@ def encode(msg, payload=()) -> list[bytes | memoryview]:
     NOTE: with copy=False zmq reads the payload after this returns; the sender must not change
     those bytes until the peer has acknowledged them.
     """
+    return _encode(msg, payload, PROTOCOL_VERSION)
+
+
+def encode_as(msg, version: int) -> list[bytes]:
+    """Frames of `msg` that a peer speaking protocol `version` decodes: allowed only for a message
+    whose fields have not changed since (`UNCHANGED_SINCE`), so only the header's "v" differs.
+    ValueError for any other message or version (a newer one included: its fields are unknown)."""
+    since = UNCHANGED_SINCE.get(getattr(type(msg), "TYPE", None))
+    if since is None or type(version) is not int or not since <= version <= PROTOCOL_VERSION:
+        raise ValueError(f"cannot write a {type(msg).__name__} in protocol version {version!r}")
+    return _encode(msg, (), version)
+
+
+def _encode(msg, payload, version: int) -> list[bytes | memoryview]:
     cls = type(msg)
     if MESSAGES.get(getattr(cls, "TYPE", None)) is not cls:
         raise TypeError(f"not a wire message: {cls.__name__}")
     payload = list(payload)
     _check_payload(msg, [_buffer(f) for f in payload])
     try:
-        header = msgpack.packb({"t": cls.TYPE, "v": PROTOCOL_VERSION, "f": _fields_of(msg)})
+        header = msgpack.packb({"t": cls.TYPE, "v": version, "f": _fields_of(msg)})
     except (TypeError, ValueError, OverflowError) as e:
         raise WireError(f"{cls.TYPE}: a field is not msgpack-native: {e}") from None
     if len(header) > MAX_HEADER_BYTES:
@@ -72,6 +94,33 @@ def _fields_of(obj) -> dict:
 def decode(frames) -> tuple[object, list[memoryview]]:
     """(message, payload frames as byte memoryviews) from received frames (bytes, memoryview or
     zmq.Frame, without the ROUTER identity); WireError if anything is malformed."""
+    frames, obj = _unpack_header(frames)
+    if obj.keys() != {"t", "v", "f"}:
+        raise WireError("header must be a map with exactly the keys t, v, f")
+    version, name = obj["v"], obj["t"]
+    if type(version) is not int or version != PROTOCOL_VERSION:
+        raise WireError(f"protocol version {version!r} is not {PROTOCOL_VERSION}")
+    cls = MESSAGES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise WireError(f"unknown message type {name!r}")
+    msg = _build(cls, obj["f"], cls.TYPE)
+    payload = [_buffer(f) for f in frames[1:]]
+    _check_payload(msg, payload)
+    return msg, payload
+
+
+def peek(frames) -> tuple[str, int]:
+    """(type name, protocol version) of received frames, whatever their version: only the
+    header's "t" and "v" are read, under `decode`'s limits; WireError if they are malformed."""
+    _, obj = _unpack_header(frames)
+    name, version = obj.get("t"), obj.get("v")
+    if type(name) is not str or type(version) is not int:
+        raise WireError("header must be a map with a str t and an int v")
+    return name, version
+
+
+def _unpack_header(frames) -> tuple[list, dict]:
+    """(frames as a list, the header frame unpacked to a map) under every msgpack limit."""
     try:
         frames = list(frames)
     except TypeError:
@@ -95,18 +144,9 @@ def decode(frames) -> tuple[object, list[memoryview]]:
         )
     except Exception as e:  # msgpack raises several unrelated types (ValueError, StackError ...)
         raise WireError(f"header is not valid msgpack: {type(e).__name__}: {e}") from None
-    if not isinstance(obj, dict) or obj.keys() != {"t", "v", "f"}:
-        raise WireError("header must be a map with exactly the keys t, v, f")
-    version, name = obj["v"], obj["t"]
-    if type(version) is not int or version != PROTOCOL_VERSION:
-        raise WireError(f"protocol version {version!r} is not {PROTOCOL_VERSION}")
-    cls = MESSAGES.get(name) if isinstance(name, str) else None
-    if cls is None:
-        raise WireError(f"unknown message type {name!r}")
-    msg = _build(cls, obj["f"], cls.TYPE)
-    payload = [_buffer(f) for f in frames[1:]]
-    _check_payload(msg, payload)
-    return msg, payload
+    if not isinstance(obj, dict):
+        raise WireError(f"header must be a map, got {type(obj).__name__}")
+    return frames, obj
 
 
 def _buffer(frame) -> memoryview:

@@ -21,7 +21,13 @@ assert DTYPES.keys() == DTYPE_SIZES.keys()
 def layout_of(kv_cache: torch.Tensor) -> KVLayout:
     _check_cache(kv_cache)
     _, num_layers, _, block_size, num_kv_heads, head_dim = kv_cache.shape
-    return KVLayout(num_layers, block_size, num_kv_heads, head_dim, DTYPE_NAMES[kv_cache.dtype])
+    return KVLayout(
+        num_layers=num_layers,
+        block_size=block_size,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        dtype=DTYPE_NAMES[kv_cache.dtype],
+    )
 
 
 def block_frames(kv_cache: torch.Tensor, block_ids: list[int]) -> list[memoryview]:

@@ -1,4 +1,5 @@
-"""Every message that crosses a process boundary: frozen dataclasses of msgpack-native fields.
+"""Every message that crosses a process boundary: frozen dataclasses of msgpack-native fields,
+built with keywords only (a field added or moved never shifts another's value silently).
 
 No torch, no zmq. `codec` checks each received field against these annotations first; the
 `__post_init__` checks below then hold the few value invariants, on both ends of the wire.
@@ -53,7 +54,7 @@ def _check_logprob_entry(where: str, entry) -> None:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KVLayout:
     """What a KV block holds; two workers hand KV over only when their layouts are equal."""
 
@@ -69,7 +70,7 @@ class KVLayout:
         _require(self.dtype in DTYPE_SIZES, f"unknown KV dtype {self.dtype!r}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WorkerCPU:
     """How a worker runs on its CPU (see cpu_threads and cpu_linear_plan)."""
 
@@ -82,7 +83,7 @@ class WorkerCPU:
         _require(self.threads >= 1, f"threads must be positive, got {self.threads}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Register:
     TYPE: ClassVar[str] = "register"
     worker_id: str
@@ -94,7 +95,6 @@ class Register:
     kv_endpoint: str
     max_model_len: int
     num_blocks: int
-    version: str
     cpu: WorkerCPU | None = None  # None: not a CPU worker
 
     def __post_init__(self) -> None:
@@ -102,14 +102,14 @@ class Register:
         _non_negative(self, "pid", "max_model_len", "num_blocks")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RegisterReply:
     TYPE: ClassVar[str] = "register_reply"
     accepted: bool
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Heartbeat:
     TYPE: ClassVar[str] = "heartbeat"
     worker_id: str
@@ -127,7 +127,7 @@ class Heartbeat:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Deregister:
     """Worker -> router, as a worker leaves on purpose (drained, or stopped)."""
 
@@ -136,7 +136,7 @@ class Deregister:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Reconnect:
     """Router -> worker it does not know (the router restarted): register again."""
 
@@ -144,7 +144,7 @@ class Reconnect:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Generate:
     TYPE: ClassVar[str] = "generate"
     request_id: str
@@ -164,13 +164,13 @@ class Generate:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Abort:
     TYPE: ClassVar[str] = "abort"
     request_id: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TokenOutput:
     TYPE: ClassVar[str] = "token_output"
     request_id: str
@@ -180,11 +180,7 @@ class TokenOutput:
     finish_reason: str | None
     stop_reason: int | None
     num_cached_tokens: int
-    error: str  # "" unless the request failed
     queue_time_s: float | None = None  # on a request's first output from the worker that ran it
-    # With an error: the failure was this worker's (draining, a handoff that failed), not the
-    # request's, so the router may run it elsewhere.
-    retry: bool = False
 
     def __post_init__(self) -> None:
         _check_token_ids("token_ids", self.token_ids)
@@ -195,7 +191,20 @@ class TokenOutput:
                 _check_logprob_entry("each logprobs entry", entry)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class RequestFailed:
+    """Worker -> router: the request ended here without finishing; nothing more comes for it."""
+
+    TYPE: ClassVar[str] = "request_failed"
+    request_id: str
+    worker_id: str
+    error: str
+    # The failure was this worker's (draining, a handoff that failed), not the request's, so the
+    # router may run it elsewhere.
+    retry: bool
+
+
+@dataclass(frozen=True, kw_only=True)
 class KVOpen:
     TYPE: ClassVar[str] = "kv_open"
     request_id: str
@@ -208,7 +217,7 @@ class KVOpen:
         _check_token_ids("prompt_token_ids", self.prompt_token_ids)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KVOpenReply:
     TYPE: ClassVar[str] = "kv_open_reply"
     request_id: str
@@ -216,7 +225,7 @@ class KVOpenReply:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KVChunk:
     """Blocks `first_block ...` of a handoff; followed by exactly `num_blocks` payload frames of
     one block each (block_shape = cache.shape[1:] = [layers, 2, block_size, kv_heads, head_dim])."""
@@ -253,7 +262,7 @@ class KVChunk:
         return n
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KVDone:
     TYPE: ClassVar[str] = "kv_done"
     request_id: str
@@ -268,7 +277,7 @@ class KVDone:
             _check_logprob_entry("first_logprobs", self.first_logprobs)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KVAck:
     TYPE: ClassVar[str] = "kv_ack"
     request_id: str
@@ -276,14 +285,14 @@ class KVAck:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KVAbort:
     TYPE: ClassVar[str] = "kv_abort"
     request_id: str
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KVReport:
     """Prefill worker -> router, once a handoff has ended: what it moved and how long it took."""
 
@@ -308,6 +317,7 @@ MESSAGES: dict[str, type] = {
         Generate,
         Abort,
         TokenOutput,
+        RequestFailed,
         KVOpen,
         KVOpenReply,
         KVChunk,

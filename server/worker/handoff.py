@@ -18,7 +18,6 @@ class Outgoing:
     handoff: Handoff | None = None  # set once the prompt is done
     done_sent: bool = False
     bytes_sent: int = 0
-    started: float = 0.0
     first_sent: float | None = None  # when the first chunk went out
     last_activity: float = 0.0  # the last message either way (for the stall timeout)
 
@@ -36,7 +35,6 @@ class Incoming:
     peer: bytes
     block_ids: list[int]
     received: set[int] = field(default_factory=set)
-    bytes_received: int = 0
     last_activity: float = 0.0
 
     @property

@@ -82,7 +82,9 @@ class KVPlane:
         """Tell the router how a handoff ended: bytes shipped, first chunk to its end."""
         now = time.monotonic()
         seconds = now - out.first_sent if out.first_sent is not None else 0.0
-        self._send_ctrl(m.KVReport(out.request_id, out.bytes_sent, seconds, ok))
+        self._send_ctrl(
+            m.KVReport(request_id=out.request_id, nbytes=out.bytes_sent, seconds=seconds, ok=ok)
+        )
 
     def _pump(self) -> None:
         """Ship complete blocks of every opened handoff; finish the ones whose prompt is done."""
@@ -105,11 +107,13 @@ class KVPlane:
                 self._send_peer(
                     out.endpoint,
                     m.KVDone(
-                        h.request_id,
-                        len(h.block_ids),
-                        h.first_token,
-                        _logprob_to_wire(h.first_logprobs) if h.first_logprobs else None,
-                        h.num_cached_tokens,
+                        request_id=h.request_id,
+                        num_blocks=len(h.block_ids),
+                        first_token=h.first_token,
+                        first_logprobs=(
+                            _logprob_to_wire(h.first_logprobs) if h.first_logprobs else None
+                        ),
+                        num_cached_tokens=h.num_cached_tokens,
                     ),
                 )
                 out.done_sent = True
@@ -120,13 +124,13 @@ class KVPlane:
         frames = block_frames(cache, block_ids)
         nbytes = sum(f.nbytes for f in frames)
         header = m.KVChunk(
-            out.request_id,
-            first,
-            len(block_ids),
-            list(cache.shape[1:]),
-            layout_of(cache).dtype,
-            nbytes,
-            frames_checksum(frames),
+            request_id=out.request_id,
+            first_block=first,
+            num_blocks=len(block_ids),
+            block_shape=list(cache.shape[1:]),
+            dtype=layout_of(cache).dtype,
+            nbytes=nbytes,
+            checksum=frames_checksum(frames),
         )
         if out.first_sent is None:
             out.first_sent = time.monotonic()
@@ -153,12 +157,12 @@ class KVPlane:
             logger.warning("KV handoff of %s failed: %s", rid, e)
             if self.incoming.pop(rid, None) is not None:
                 self.engine.abort_request(rid)
-                self._send_kv(peer, m.KVAbort(rid, str(e)))
+                self._send_kv(peer, m.KVAbort(request_id=rid, reason=str(e)))
 
     def _on_kv(self, peer: bytes, msg, payload) -> None:
         if isinstance(msg, m.KVOpen):
             if self.draining:
-                self._send_kv(peer, m.KVOpenReply(msg.request_id, False, "draining"))
+                self._refuse_kv(peer, msg.request_id, "draining")
                 return
             try:
                 params = m.params_from_dict(msg.params)
@@ -166,17 +170,15 @@ class KVPlane:
                     raise ValueError("KV layout differs from this worker's")
                 dst = self.engine.reserve_prefilled(msg.request_id, msg.prompt_token_ids, params)
             except ValueError as e:
-                self._send_kv(peer, m.KVOpenReply(msg.request_id, False, str(e)))
+                self._refuse_kv(peer, msg.request_id, str(e))
                 return
             if dst is None:
-                self._send_kv(
-                    peer, m.KVOpenReply(msg.request_id, False, "no free KV blocks right now")
-                )
+                self._refuse_kv(peer, msg.request_id, "no free KV blocks right now")
                 return
             self.incoming[msg.request_id] = Incoming(
                 msg.request_id, peer, dst, last_activity=time.monotonic()
             )
-            self._send_kv(peer, m.KVOpenReply(msg.request_id, True, ""))
+            self._send_kv(peer, m.KVOpenReply(request_id=msg.request_id, ok=True, reason=""))
             return
         inc = self.incoming.get(getattr(msg, "request_id", ""))
         if inc is None or inc.peer != peer:
@@ -196,7 +198,6 @@ class KVPlane:
                 msg.dtype,
             )
             inc.received.update(range(msg.first_block, end))
-            inc.bytes_received += msg.nbytes
             inc.last_activity = time.monotonic()
         elif isinstance(msg, m.KVDone):
             if msg.num_blocks != len(inc.block_ids) or not inc.complete:
@@ -207,19 +208,18 @@ class KVPlane:
             lps = msg.first_logprobs
             first_lp = _logprob_from_wire(lps) if lps else None
             done = self.engine.commit_prefilled(msg.request_id, msg.first_token, first_lp)
-            self._send_kv(peer, m.KVAck(msg.request_id, True, ""))
+            self._send_kv(peer, m.KVAck(request_id=msg.request_id, ok=True, reason=""))
             if done is not None:  # the first token already ended it (e.g. max_tokens)
                 c = done.outputs[0]
                 self._send_ctrl(
                     m.TokenOutput(
-                        msg.request_id,
-                        self.id,
-                        [],
-                        None,
-                        c.finish_reason,
-                        c.stop_reason if isinstance(c.stop_reason, int) else None,
-                        msg.num_cached_tokens,
-                        "",
+                        request_id=msg.request_id,
+                        worker_id=self.id,
+                        token_ids=[],
+                        logprobs=None,
+                        finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason if isinstance(c.stop_reason, int) else None,
+                        num_cached_tokens=msg.num_cached_tokens,
                     )
                 )
         elif isinstance(msg, m.KVAbort):
@@ -227,6 +227,9 @@ class KVPlane:
             self.engine.abort_request(msg.request_id)
         else:
             logger.warning("dropped an unexpected %s on the KV socket", type(msg).__name__)
+
+    def _refuse_kv(self, peer: bytes, request_id: str, reason: str) -> None:
+        self._send_kv(peer, m.KVOpenReply(request_id=request_id, ok=False, reason=reason))
 
     # ---- handoffs that stall ------------------------------------------------------------------
 
@@ -236,7 +239,7 @@ class KVPlane:
         for rid, out in list(self.outgoing.items()):
             if out.waiting_on_peer and now - out.last_activity > limit:
                 self.outgoing.pop(rid)
-                self._send_peer(out.endpoint, m.KVAbort(rid, "timed out"))
+                self._send_peer(out.endpoint, m.KVAbort(request_id=rid, reason="timed out"))
                 self.engine.abort_request(rid)  # still prefilling, or handed off: freed
                 self._report(out, ok=False)
                 self._fail(rid, f"KV handoff timed out after {limit:g} s", retry=True)
@@ -245,4 +248,4 @@ class KVPlane:
                 logger.warning("KV handoff of %s stalled for %g s; dropped", rid, limit)
                 self.incoming.pop(rid)
                 self.engine.abort_request(rid)
-                self._send_kv(inc.peer, m.KVAbort(rid, "timed out"))
+                self._send_kv(inc.peer, m.KVAbort(request_id=rid, reason="timed out"))

@@ -33,7 +33,6 @@ from baton.server.worker.kv_plane import KVPlane, _logprob_to_wire
 
 logger = logging.getLogger(__name__)
 
-VERSION = "0.1.0"
 # NOTE: with nothing to run, the loop wakes this often for its timers (handoff stalls, the
 # parent check); messages wake it at once. Idle, a worker then uses ~0.1% of a core.
 IDLE_POLL_MS = 100
@@ -110,7 +109,6 @@ class Worker(KVPlane):
             kv_endpoint=self.kv_endpoint,
             max_model_len=eng.max_model_len,
             num_blocks=eng.cache_config.num_blocks,
-            version=VERSION,
             cpu=self._cpu(),
         )
         self.ctrl.send_multipart(codec.encode(msg), copy=False)
@@ -118,9 +116,11 @@ class Worker(KVPlane):
         while time.monotonic() < deadline:
             if not self.ctrl.poll(200):
                 continue
+            frames = self.ctrl.recv_multipart(copy=False)
             try:
-                reply, _ = codec.decode(self.ctrl.recv_multipart(copy=False))
+                reply, _ = codec.decode(frames)
             except codec.WireError as e:
+                self._check_router_version(frames)
                 logger.warning("dropped a malformed frame from the router: %s", e)
                 continue
             if isinstance(reply, m.RegisterReply):
@@ -130,6 +130,20 @@ class Worker(KVPlane):
                 self.registered = True
                 return
         raise RuntimeError(f"no answer from the router at {self.config.router}")
+
+    @staticmethod
+    def _check_router_version(frames) -> None:
+        """A router of another protocol version answers a Register in its own version (one that
+        knows this worker's answers in this worker's): stop with both versions named."""
+        try:
+            name, version = codec.peek(frames)
+        except codec.WireError:
+            return
+        if name == m.RegisterReply.TYPE and version != codec.PROTOCOL_VERSION:
+            raise RuntimeError(
+                f"the router speaks protocol version {version}, this worker "
+                f"{codec.PROTOCOL_VERSION}: run the same Baton version on both"
+            )
 
     def _cpu(self) -> m.WorkerCPU | None:
         if self.engine.device.type != "cpu":
@@ -162,7 +176,7 @@ class Worker(KVPlane):
             if self.registered:
                 reason = "drained" if self.draining else "stopped"
                 with contextlib.suppress(zmq.ZMQError):
-                    self._send_ctrl(m.Deregister(self.id, reason))
+                    self._send_ctrl(m.Deregister(worker_id=self.id, reason=reason))
             self.close()
 
     def _idle(self) -> bool:
@@ -249,7 +263,7 @@ class Worker(KVPlane):
         worker's (or its handoff's), not the request's, and the router may run it elsewhere."""
         logger.warning("request %s failed: %s", request_id, error)
         self._send_ctrl(
-            m.TokenOutput(request_id, self.id, [], None, "abort", None, 0, error, retry=retry)
+            m.RequestFailed(request_id=request_id, worker_id=self.id, error=error, retry=retry)
         )
 
     def _on_control(self, frames) -> None:
@@ -296,17 +310,16 @@ class Worker(KVPlane):
             self._fail(msg.request_id, str(e))
             return
         if handoff:
-            now = time.monotonic()
-            out = Outgoing(msg.request_id, msg.decode_endpoint, started=now, last_activity=now)
+            out = Outgoing(msg.request_id, msg.decode_endpoint, last_activity=time.monotonic())
             self.outgoing[msg.request_id] = out
             self._send_peer(
                 out.endpoint,
                 m.KVOpen(
-                    msg.request_id,
-                    self.id,
-                    list(msg.prompt_token_ids),
-                    msg.params,
-                    layout_of(self.engine.runner.kv_cache),
+                    request_id=msg.request_id,
+                    prefill_worker_id=self.id,
+                    prompt_token_ids=list(msg.prompt_token_ids),
+                    params=msg.params,
+                    layout=layout_of(self.engine.runner.kv_cache),
                 ),
             )
 
@@ -314,11 +327,11 @@ class Worker(KVPlane):
         self.engine.abort_request(request_id)
         out = self.outgoing.pop(request_id, None)
         if out is not None:
-            self._send_peer(out.endpoint, m.KVAbort(request_id, "aborted"))
+            self._send_peer(out.endpoint, m.KVAbort(request_id=request_id, reason="aborted"))
             self.engine.release_handoff(request_id)
         inc = self.incoming.pop(request_id, None)
         if inc is not None and self.kv is not None:
-            self._send_kv(inc.peer, m.KVAbort(request_id, "aborted"))
+            self._send_kv(inc.peer, m.KVAbort(request_id=request_id, reason="aborted"))
 
     def _publish(self, outs: list[RequestOutput]) -> None:
         for out in outs:
@@ -332,20 +345,21 @@ class Worker(KVPlane):
             first = len(c.token_ids) == n
             self._send_ctrl(
                 m.TokenOutput(
-                    out.request_id,
-                    self.id,
-                    list(c.token_ids_delta),
-                    lps,
-                    c.finish_reason,
-                    stop,
-                    out.num_cached_tokens or 0,
-                    "",
-                    out.queue_time if first else None,
+                    request_id=out.request_id,
+                    worker_id=self.id,
+                    token_ids=list(c.token_ids_delta),
+                    logprobs=lps,
+                    finish_reason=c.finish_reason,
+                    stop_reason=stop,
+                    num_cached_tokens=out.num_cached_tokens or 0,
+                    queue_time_s=out.queue_time if first else None,
                 )
             )
             if out.finished and out.request_id in self.outgoing:
                 ended = self.outgoing.pop(out.request_id)  # the first token ended it
-                self._send_peer(ended.endpoint, m.KVAbort(out.request_id, "finished"))
+                self._send_peer(
+                    ended.endpoint, m.KVAbort(request_id=out.request_id, reason="finished")
+                )
 
     def _heartbeat(self) -> m.Heartbeat:
         # NOTE: read from the heartbeat thread while the loop runs: plain counters, a snapshot
@@ -353,12 +367,12 @@ class Worker(KVPlane):
         b = self.engine.batcher
         bm = b.block_manager
         return m.Heartbeat(
-            self.id,
-            b.num_running + len(self.outgoing),
-            b.num_waiting + len(self.incoming),
-            float(bm.usage),
-            bm.num_free_blocks,
-            bm.prefix_queries,
-            bm.prefix_hits,
+            worker_id=self.id,
+            running=b.num_running + len(self.outgoing),
+            waiting=b.num_waiting + len(self.incoming),
+            kv_usage=float(bm.usage),
+            num_free_blocks=bm.num_free_blocks,
+            prefix_queries=bm.prefix_queries,
+            prefix_hits=bm.prefix_hits,
             draining=self.draining,
         )

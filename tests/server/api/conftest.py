@@ -99,7 +99,13 @@ class FakeBackend:
             raise NoWorkerAvailable(self.unavailable)
         # as the router does: a request that cannot be framed for a worker fails here
         codec.encode(
-            m.Generate(request_id, list(prompt_token_ids), m.params_to_dict(params), "", "")
+            m.Generate(
+                request_id=request_id,
+                prompt_token_ids=list(prompt_token_ids),
+                params=m.params_to_dict(params),
+                decode_worker_id="",
+                decode_endpoint="",
+            )
         )
         self.calls.append((request_id, list(prompt_token_ids), params))
         return self._stream(request_id, params)

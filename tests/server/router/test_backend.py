@@ -4,6 +4,7 @@ greedy tokens through a disaggregated handoff equal the offline engine; bad work
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 
@@ -158,6 +159,10 @@ def test_tokens_through_the_router_equal_the_offline_engine(tiny_config_dir, mod
     asyncio.run(main())
 
 
+def report(request_id: str, nbytes: int, seconds: float, ok: bool) -> m.KVReport:
+    return m.KVReport(request_id=request_id, nbytes=nbytes, seconds=seconds, ok=ok)
+
+
 def test_worker_reports_feed_queue_time_and_kv_transfer_metrics():
     async def main():
         metrics = Metrics()
@@ -167,11 +172,23 @@ def test_worker_reports_feed_queue_time_and_kv_transfer_metrics():
             "p", "prefill", 1, "h", "tiny", layout, "", 512, 8, 0
         )
         try:
-            await backend._dispatch("p", m.KVReport("a", 4096, 0.02, True))
-            await backend._dispatch("p", m.KVReport("b", 1024, 0.5, False))
-            await backend._dispatch("p", m.TokenOutput("a", "p", [3], None, None, None, 0, "", 0.3))
-            await backend._dispatch("p", m.TokenOutput("a", "p", [4], None, None, None, 0, ""))
-            await backend._dispatch("stranger", m.KVReport("c", 1, 0.1, True))  # dropped
+            tok = m.TokenOutput(
+                request_id="a",
+                worker_id="p",
+                token_ids=[3],
+                logprobs=None,
+                finish_reason=None,
+                stop_reason=None,
+                num_cached_tokens=0,
+                queue_time_s=0.3,
+            )
+            failed = m.RequestFailed(request_id="a", worker_id="p", error="x", retry=True)
+            await backend._dispatch("p", report("a", 4096, 0.02, True))
+            await backend._dispatch("p", report("b", 1024, 0.5, False))
+            await backend._dispatch("p", tok)
+            await backend._dispatch("p", dataclasses.replace(tok, token_ids=[4], queue_time_s=None))
+            await backend._dispatch("p", failed)
+            await backend._dispatch("stranger", report("c", 1, 0.1, True))  # dropped
         finally:
             await backend.stop()
         sample = metrics.registry.get_sample_value

@@ -15,48 +15,95 @@ from baton.scheduler.sampling_params import SamplingParams
 from baton.server.wire import codec
 from baton.server.wire import messages as m
 
-LAYOUT = m.KVLayout(30, 16, 3, 64, "bfloat16")
+LAYOUT = m.KVLayout(num_layers=30, block_size=16, num_kv_heads=3, head_dim=64, dtype="bfloat16")
 PARAMS = m.params_to_dict(SamplingParams(max_tokens=5, stop=["a"], stop_token_ids=[7], seed=3))
 LOGPROB = [4, -0.5, [[4, -0.5], [9, -1.25]]]
-CHUNK = m.KVChunk("r", 2, 2, [1, 2, 1, 1, 2], "float16", 16, 1234)  # 8-byte blocks
+CHUNK = m.KVChunk(  # 8-byte blocks
+    request_id="r",
+    first_block=2,
+    num_blocks=2,
+    block_shape=[1, 2, 1, 1, 2],
+    dtype="float16",
+    nbytes=16,
+    checksum=1234,
+)
+REG = m.Register(
+    worker_id="w0",
+    role="decode",
+    pid=41,
+    host="127.0.0.1",
+    model="smollm2",
+    layout=LAYOUT,
+    kv_endpoint="tcp://h:1",
+    max_model_len=8192,
+    num_blocks=100,
+)
+HB = m.Heartbeat(
+    worker_id="w0",
+    running=1,
+    waiting=2,
+    kv_usage=0.5,
+    num_free_blocks=10,
+    prefix_queries=3,
+    prefix_hits=1,
+)
+GEN = m.Generate(
+    request_id="r",
+    prompt_token_ids=[1, 2, 3],
+    params=PARAMS,
+    decode_worker_id="d",
+    decode_endpoint="tcp://h:1",
+)
+TOK = m.TokenOutput(
+    request_id="r",
+    worker_id="w",
+    token_ids=[4],
+    logprobs=[LOGPROB],
+    finish_reason=None,
+    stop_reason=None,
+    num_cached_tokens=16,
+)
+DONE = m.KVDone(
+    request_id="r", num_blocks=2, first_token=5, first_logprobs=LOGPROB, num_cached_tokens=16
+)
+ACK = m.KVAck(request_id="r", ok=True, reason="")
+FAILED = m.RequestFailed(request_id="r", worker_id="w", error="draining", retry=True)
 SAMPLES = [
-    m.Register("w0", "decode", 41, "127.0.0.1", "smollm2", LAYOUT, "tcp://h:1", 8192, 100, "0.1"),
-    m.RegisterReply(False, "layout differs"),
-    m.Heartbeat("w0", 1, 2, 0.5, 10, 3, 1),
-    m.Generate("r", [1, 2, 3], PARAMS, "d", "tcp://h:1"),
-    m.Generate("r", list(range(50_000)), {}, "", ""),
-    m.Abort("r"),
-    m.TokenOutput("r", "w", [4], [LOGPROB], None, None, 16, ""),
-    m.TokenOutput("r", "w", [], None, "stop", 2, 0, "boom", 0.5),
-    m.KVOpen("r", "p", [1, 2], PARAMS, LAYOUT),
-    m.KVOpenReply("r", True, ""),
+    REG,
+    m.RegisterReply(accepted=False, reason="layout differs"),
+    HB,
+    GEN,
+    dataclasses.replace(GEN, prompt_token_ids=list(range(50_000)), params={}, decode_endpoint=""),
+    m.Abort(request_id="r"),
+    TOK,
+    dataclasses.replace(
+        TOK, token_ids=[], logprobs=None, finish_reason="stop", stop_reason=2, queue_time_s=0.5
+    ),
+    FAILED,
+    dataclasses.replace(FAILED, error="bad params", retry=False),
+    m.KVOpen(
+        request_id="r", prefill_worker_id="p", prompt_token_ids=[1, 2], params=PARAMS, layout=LAYOUT
+    ),
+    m.KVOpenReply(request_id="r", ok=True, reason=""),
     CHUNK,
-    m.KVDone("r", 2, 5, LOGPROB, 16),
-    m.KVDone("r", 2, 5, None, 0),
-    m.KVAck("r", True, ""),
-    m.KVAbort("r", "aborted"),
-    m.KVReport("r", 1 << 20, 0.25, True),
-    m.Heartbeat("w0", 0, 0, 0.0, 10, 0, 0, draining=True),
-    m.Deregister("w0", "drained"),
-    m.Reconnect("unknown worker"),
-    m.Generate("r", [1, 2, 3], PARAMS, "", "", prior_output_ids=[4, 5]),
-    m.TokenOutput("r", "w", [], None, "abort", None, 0, "draining", retry=True),
-    m.Register(
-        "w1",
-        "prefill",
-        42,
-        "h",
-        "smollm2",
-        LAYOUT,
-        "",
-        8192,
-        100,
-        "0.1",
-        m.WorkerCPU(2, "brief", "0-1", "dense@1,mkl-packed@3"),
+    DONE,
+    dataclasses.replace(DONE, first_logprobs=None, num_cached_tokens=0),
+    ACK,
+    m.KVAbort(request_id="r", reason="aborted"),
+    m.KVReport(request_id="r", nbytes=1 << 20, seconds=0.25, ok=True),
+    dataclasses.replace(HB, running=0, waiting=0, kv_usage=0.0, draining=True),
+    m.Deregister(worker_id="w0", reason="drained"),
+    m.Reconnect(reason="unknown worker"),
+    dataclasses.replace(GEN, decode_worker_id="", decode_endpoint="", prior_output_ids=[4, 5]),
+    dataclasses.replace(
+        REG,
+        worker_id="w1",
+        role="prefill",
+        kv_endpoint="",
+        cpu=m.WorkerCPU(threads=2, wait_policy="brief", cpus="0-1", linear="dense@1,mkl-packed@3"),
     ),
 ]
 PAYLOAD = [b"abcdefgh", b"ijklmnop"]
-GEN, TOK, REG, DONE, HB, ACK = (SAMPLES[i] for i in (3, 6, 0, 11, 2, 13))
 LAYOUT_MAP = dataclasses.asdict(LAYOUT)
 
 
@@ -100,19 +147,19 @@ def test_float_fields_take_ints_and_hand_back_floats():
 
 def test_encode_refuses_what_decode_would_refuse():
     with pytest.raises(TypeError):
-        codec.encode(m.KVLayout(1, 1, 1, 1, "float32"))
+        codec.encode(dataclasses.replace(LAYOUT, dtype="float32"))
     with pytest.raises(TypeError):
         codec.encode({"t": "abort"})
     with pytest.raises(codec.WireError, match="no payload"):
-        codec.encode(m.Abort("r"), [b"x"])
+        codec.encode(m.Abort(request_id="r"), [b"x"])
     with pytest.raises(codec.WireError, match="frames"):
         codec.encode(CHUNK, PAYLOAD[:1])
     with pytest.raises(codec.WireError, match="bytes"):
         codec.encode(CHUNK, [PAYLOAD[0], PAYLOAD[1][:-1]])
     with pytest.raises(codec.WireError, match="msgpack"):
-        codec.encode(m.Generate("r", [1], {"x": object()}, "", ""))
+        codec.encode(dataclasses.replace(GEN, params={"x": object()}))
     with pytest.raises(codec.WireError, match="exceeds"):
-        codec.encode(m.Generate("r", [1 << 20] * 300_000, {}, "", ""))
+        codec.encode(dataclasses.replace(GEN, prompt_token_ids=[1 << 20] * 300_000, params={}))
 
 
 def p(frames, id):
@@ -164,6 +211,9 @@ def raw(t, v, f):
         p(header("token_output", fields(TOK, logprobs=[[4, -0.5]])), "bad logprobs"),
         p(header("token_output", fields(TOK, stop_reason="2")), "str for int|None"),
         p(header("token_output", fields(TOK, finish_reason=1)), "int for str|None"),
+        p(header("token_output", fields(TOK, error="boom")), "token_output with an error"),
+        p(header("request_failed", fields(FAILED, retry=1)), "int for bool"),
+        p(header("request_failed", fields(FAILED, retry=None)), "None for bool"),
         p(header("kv_done", fields(DONE, first_logprobs=[1, 2, 3])), "bad first logprobs"),
         p(header("register", fields(REG, layout=None)), "layout None"),
         p(header("register", fields(REG, layout={"num_layers": 1})), "layout short"),
@@ -171,6 +221,8 @@ def raw(t, v, f):
         p(header("register", fields(REG, layout={**LAYOUT_MAP, "head_dim": 64.0})), "layout fl"),
         p(header("register", fields(REG, layout={**LAYOUT_MAP, "x": 1})), "layout extra"),
         p(header("register", fields(REG, role="root")), "bad role"),
+        p(header("register", fields(REG, version="0.1.0")), "register with a version"),
+        p(header("register", fields(REG), v=4), "an older version"),
         p(header("kv_chunk", fields(CHUNK, nbytes=17)) + PAYLOAD, "chunk nbytes"),
         p(header("kv_chunk", fields(CHUNK, checksum=-1)) + PAYLOAD, "chunk crc"),
         p(header("kv_chunk", fields(CHUNK, dtype="float64")) + PAYLOAD, "chunk dtype"),
@@ -278,7 +330,15 @@ def test_oversize_containers_only_raise_wire_error(tag16, tag32, n, rest):
 )
 def test_token_outputs_round_trip(ids, lps, finish, stop):
     lps = None if lps is None else [[t, lp, [list(x) for x in top]] for t, lp, top in lps]
-    msg = m.TokenOutput("req", "w", ids, lps, finish, stop, len(ids), "")
+    msg = m.TokenOutput(
+        request_id="req",
+        worker_id="w",
+        token_ids=ids,
+        logprobs=lps,
+        finish_reason=finish,
+        stop_reason=stop,
+        num_cached_tokens=len(ids),
+    )
     assert codec.decode(codec.encode(msg)) == (msg, [])
 
 
@@ -297,6 +357,100 @@ def test_token_outputs_round_trip(ids, lps, finish, stop):
     ),
 )
 def test_generate_round_trips_with_its_params(ids, params):
-    msg = m.Generate("req", ids, m.params_to_dict(params), "d", "ipc://x")
+    msg = m.Generate(
+        request_id="req",
+        prompt_token_ids=ids,
+        params=m.params_to_dict(params),
+        decode_worker_id="d",
+        decode_endpoint="ipc://x",
+    )
     got, _ = codec.decode(codec.encode(msg))
     assert got == msg and m.params_from_dict(got.params) == params
+
+
+def test_messages_take_keywords_only():
+    with pytest.raises(TypeError):
+        m.Abort("r")
+    with pytest.raises(TypeError):
+        m.KVLayout(30, 16, 3, 64, "bfloat16")
+
+
+# ---- peers of another protocol version -----------------------------------------------------
+
+
+@pytest.mark.parametrize("as_frame", [bytes, memoryview, zmq.Frame], ids=lambda f: f.__name__)
+def test_peek_reads_type_and_version_of_any_version(as_frame):
+    assert codec.peek([as_frame(f) for f in codec.encode(REG)]) == (
+        "register",
+        codec.PROTOCOL_VERSION,
+    )
+    old = fields(REG, version="0.1.0")  # a version-4 Register: fields this codec refuses
+    assert codec.peek([as_frame(header("register", old, v=4)[0])]) == ("register", 4)
+    assert codec.peek(raw("whatever", 99, None)) == ("whatever", 99)
+    assert codec.peek(codec.encode(CHUNK, PAYLOAD)) == ("kv_chunk", codec.PROTOCOL_VERSION)
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        p([], "no frames"),
+        p(None, "not a sequence"),
+        p([None], "frame not a buffer"),
+        p([b""], "empty header"),
+        p([b"\xc1"], "reserved byte"),
+        p([b"garbage, not msgpack"], "garbage"),
+        p([msgpack.packb([1, 2, 3])], "not a map"),
+        p([msgpack.packb({"v": 4, "f": {}})], "no t"),
+        p([msgpack.packb({"t": "register", "f": {}})], "no v"),
+        p(raw(["register"], 4, {}), "t not str"),
+        p(raw("register", "4", {}), "v not int"),
+        p(raw("register", True, {}), "v bool"),
+        p(raw("register", 4.0, {}), "v float"),
+        p(raw("register", 4, {"x": b"bytes"}), "bin in header"),
+        p(raw("register", 4, {"x": "x" * (codec.MAX_STR_LEN + 1)}), "long str"),
+        p(raw("register", 4, {f"k{i}": i for i in range(codec.MAX_MAP_LEN + 1)}), "big map"),
+        p([b"\xdd\xff\xff\xff\xff"], "array32 of 4G"),
+        p([b"\x91" * 100_000], "deep nesting"),
+        p([b"\x00" * (codec.MAX_HEADER_BYTES + 1)], "header too big"),
+    ],
+)
+def test_peek_refuses_malformed_headers_with_wire_error(frames):
+    with pytest.raises(codec.WireError):
+        codec.peek(frames)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64), min_size=1, max_size=3))
+def test_peek_of_random_bytes_only_raises_wire_error(frames):
+    try:
+        name, version = codec.peek(frames)
+    except codec.WireError:
+        return
+    assert type(name) is str and type(version) is int
+
+
+@pytest.mark.parametrize("version", [1, 2, 3, 4, codec.PROTOCOL_VERSION])
+def test_a_register_reply_is_written_in_an_older_version_unchanged(version):
+    reply = m.RegisterReply(accepted=False, reason="protocol version 4 is not this router's 5")
+    frames = codec.encode_as(reply, version)
+    assert msgpack.unpackb(frames[0]) == {
+        "t": "register_reply",
+        "v": version,
+        "f": {"accepted": False, "reason": reply.reason},
+    }
+    assert codec.peek(frames) == ("register_reply", version)
+
+
+@pytest.mark.parametrize(
+    "msg, version",
+    [
+        (m.RegisterReply(accepted=True, reason=""), 0),
+        (m.RegisterReply(accepted=True, reason=""), codec.PROTOCOL_VERSION + 1),
+        (m.RegisterReply(accepted=True, reason=""), True),
+        (REG, 4),  # fields changed in version 5
+        (TOK, 4),
+    ],
+)
+def test_encode_as_refuses_what_the_peer_could_not_read(msg, version):
+    with pytest.raises(ValueError):
+        codec.encode_as(msg, version)

@@ -35,13 +35,13 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def chunk_for(src, frames, first=0):
     return m.KVChunk(
-        "req-1",
-        first,
-        len(frames),
-        list(src.shape[1:]),
-        layout_of(src).dtype,
-        sum(f.nbytes for f in frames),
-        frames_checksum(frames),
+        request_id="req-1",
+        first_block=first,
+        num_blocks=len(frames),
+        block_shape=list(src.shape[1:]),
+        dtype=layout_of(src).dtype,
+        nbytes=sum(f.nbytes for f in frames),
+        checksum=frames_checksum(frames),
     )
 
 
@@ -81,10 +81,10 @@ def test_blocks_cross_a_socket_bit_exact(pair, dtype):
     assert isinstance(msg, m.KVChunk) and msg.num_blocks == 3
     assert frames_checksum(payload) == msg.checksum
     write_blocks(dst, dst_ids, payload, msg.block_shape, msg.dtype)
-    rx.send_multipart([peer, *codec.encode(m.KVAck(msg.request_id, True, ""))])
+    rx.send_multipart([peer, *codec.encode(m.KVAck(request_id=msg.request_id, ok=True, reason=""))])
 
     ack, _ = codec.decode(tx.recv_multipart(copy=False))
-    assert ack == m.KVAck("req-1", True, "")
+    assert ack == m.KVAck(request_id="req-1", ok=True, reason="")
     for a, b in zip(src_ids, dst_ids, strict=True):
         assert same_bytes(src[a], dst[b])
     untouched = [b for b in range(dst.shape[0]) if b not in dst_ids]
@@ -143,7 +143,9 @@ def test_cpu_frames_are_views_of_the_cache(dtype):
 
 def test_layout_of():
     c = allocate_kv_cache(5, 30, 16, 3, 64, torch.bfloat16, "cpu")
-    assert layout_of(c) == m.KVLayout(30, 16, 3, 64, "bfloat16")
+    assert layout_of(c) == m.KVLayout(
+        num_layers=30, block_size=16, num_kv_heads=3, head_dim=64, dtype="bfloat16"
+    )
     with pytest.raises(ValueError, match="num_blocks"):
         layout_of(c[0])
     with pytest.raises(ValueError, match="dtype"):

@@ -99,55 +99,118 @@ def test_params_from_random_maps_only_raise_value_error(d):
     assert m.params_from_dict(m.params_to_dict(params)) == params
 
 
-def test_every_message_has_a_unique_type_name_and_is_frozen():
-    assert len(m.MESSAGES) == 15
+def test_every_message_has_a_unique_type_name_and_is_frozen_and_keyword_only():
+    assert len(m.MESSAGES) == 16
     for name, cls in m.MESSAGES.items():
         assert name == cls.TYPE and dataclasses.is_dataclass(cls)
         assert cls.__dataclass_params__.frozen
+        assert all(f.kw_only for f in dataclasses.fields(cls))
+    for cls in (m.KVLayout, m.WorkerCPU):
+        assert cls.__dataclass_params__.frozen
+        assert all(f.kw_only for f in dataclasses.fields(cls))
     with pytest.raises(dataclasses.FrozenInstanceError):
-        m.Abort("r").request_id = "s"
+        m.Abort(request_id="r").request_id = "s"
 
 
-LAYOUT = m.KVLayout(30, 16, 3, 64, "float32")
+LAYOUT = m.KVLayout(num_layers=30, block_size=16, num_kv_heads=3, head_dim=64, dtype="float32")
 BLOCK = [30, 2, 16, 3, 64]
 BLOCK_BYTES = 30 * 2 * 16 * 3 * 64 * 4
+CHUNK = m.KVChunk(
+    request_id="r",
+    first_block=0,
+    num_blocks=1,
+    block_shape=BLOCK,
+    dtype="float32",
+    nbytes=BLOCK_BYTES,
+    checksum=0,
+)
+REG = dict(
+    worker_id="w",
+    role="both",
+    pid=1,
+    host="h",
+    model="x",
+    layout=LAYOUT,
+    kv_endpoint="e",
+    max_model_len=8,
+    num_blocks=8,
+)
+HB = dict(
+    worker_id="w",
+    running=0,
+    waiting=0,
+    kv_usage=0.0,
+    num_free_blocks=0,
+    prefix_queries=0,
+    prefix_hits=0,
+)
+GEN = dict(request_id="r", prompt_token_ids=[1], params={}, decode_worker_id="", decode_endpoint="")
+TOK = dict(
+    request_id="r",
+    worker_id="w",
+    token_ids=[1],
+    logprobs=None,
+    finish_reason=None,
+    stop_reason=None,
+    num_cached_tokens=0,
+)
+DONE = dict(request_id="r", num_blocks=1, first_token=5, first_logprobs=None, num_cached_tokens=0)
+
+
+def chunk(**changes) -> m.KVChunk:
+    return dataclasses.replace(CHUNK, **changes)
 
 
 def test_kv_chunk_knows_its_block_size():
-    assert m.KVChunk("r", 0, 2, BLOCK, "float32", 2 * BLOCK_BYTES, 0).block_nbytes == BLOCK_BYTES
-    half = m.KVChunk("r", 0, 1, BLOCK, "bfloat16", BLOCK_BYTES // 2, 0)
+    assert chunk(num_blocks=2, nbytes=2 * BLOCK_BYTES).block_nbytes == BLOCK_BYTES
+    half = chunk(dtype="bfloat16", nbytes=BLOCK_BYTES // 2)
     assert half.block_nbytes == BLOCK_BYTES // 2
 
 
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: m.KVLayout(30, 0, 3, 64, "float32"), "block_size"),
-        (lambda: m.KVLayout(30, 16, 3, 64, "float64"), "dtype"),
-        (lambda: m.Register("w", "router", 1, "h", "x", LAYOUT, "e", 8, 8, "0"), "role"),
-        (lambda: m.Register("w", "both", 1, "h", "x", LAYOUT, "e", 8, -1, "0"), "num_blocks"),
-        (lambda: m.WorkerCPU(0, "brief", "0", ""), "threads"),
-        (lambda: m.Heartbeat("w", -1, 0, 0.0, 0, 0, 0), "running"),
-        (lambda: m.Generate("r", [1], {}, "", "", prior_output_ids=[-1]), "prior_output_ids"),
-        (lambda: m.Generate("r", [1], {}, "d", "tcp://d:1", [2]), "recomputed where it decodes"),
-        (lambda: m.Generate("r", [1, -2], {}, "", ""), "prompt_token_ids"),
-        (lambda: m.KVOpen("r", "p", [-1], {}, LAYOUT), "prompt_token_ids"),
-        (lambda: m.TokenOutput("r", "w", [1], [[1, -0.1]], None, None, 0, ""), "logprobs"),
-        (lambda: m.TokenOutput("r", "w", [1], [[1, -0.1, [[2]]]], None, None, 0, ""), "logprobs"),
-        (lambda: m.TokenOutput("r", "w", [1], [[1, "x", []]], None, None, 0, ""), "logprobs"),
-        (lambda: m.TokenOutput("r", "w", [1], None, None, None, -1, ""), "num_cached_tokens"),
-        (lambda: m.TokenOutput("r", "w", [1], None, None, None, 0, "", -1.0), "queue_time_s"),
-        (lambda: m.KVReport("r", -1, 0.1, True), "nbytes"),
-        (lambda: m.KVReport("r", 1, -0.1, False), "seconds"),
-        (lambda: m.KVChunk("r", -1, 1, BLOCK, "float32", BLOCK_BYTES, 0), "first_block"),
-        (lambda: m.KVChunk("r", 0, 0, BLOCK, "float32", 0, 0), "num_blocks"),
-        (lambda: m.KVChunk("r", 0, 1, BLOCK[:4], "float32", BLOCK_BYTES, 0), "block_shape"),
-        (lambda: m.KVChunk("r", 0, 1, [30, 3, 16, 3, 64], "float32", 1, 0), "block_shape"),
-        (lambda: m.KVChunk("r", 0, 1, BLOCK, "int8", BLOCK_BYTES, 0), "dtype"),
-        (lambda: m.KVChunk("r", 0, 1, BLOCK, "float32", BLOCK_BYTES - 1, 0), "nbytes"),
-        (lambda: m.KVChunk("r", 0, 1, BLOCK, "float32", BLOCK_BYTES, 1 << 64), "checksum"),
-        (lambda: m.KVDone("r", 1, 5, [5, -0.1], 0), "first_logprobs"),
-        (lambda: m.KVDone("r", 1, -5, None, 0), "first_token"),
+        (lambda: dataclasses.replace(LAYOUT, block_size=0), "block_size"),
+        (lambda: dataclasses.replace(LAYOUT, dtype="float64"), "dtype"),
+        (lambda: m.Register(**{**REG, "role": "router"}), "role"),
+        (lambda: m.Register(**{**REG, "num_blocks": -1}), "num_blocks"),
+        (lambda: m.WorkerCPU(threads=0, wait_policy="brief", cpus="0", linear=""), "threads"),
+        (lambda: m.Heartbeat(**{**HB, "running": -1}), "running"),
+        (lambda: m.Generate(**GEN, prior_output_ids=[-1]), "prior_output_ids"),
+        (
+            lambda: m.Generate(
+                **{**GEN, "decode_worker_id": "d", "decode_endpoint": "tcp://d:1"},
+                prior_output_ids=[2],
+            ),
+            "recomputed where it decodes",
+        ),
+        (lambda: m.Generate(**{**GEN, "prompt_token_ids": [1, -2]}), "prompt_token_ids"),
+        (
+            lambda: m.KVOpen(
+                request_id="r",
+                prefill_worker_id="p",
+                prompt_token_ids=[-1],
+                params={},
+                layout=LAYOUT,
+            ),
+            "prompt_token_ids",
+        ),
+        (lambda: m.TokenOutput(**{**TOK, "logprobs": [[1, -0.1]]}), "logprobs"),
+        (lambda: m.TokenOutput(**{**TOK, "logprobs": [[1, -0.1, [[2]]]]}), "logprobs"),
+        (lambda: m.TokenOutput(**{**TOK, "logprobs": [[1, "x", []]]}), "logprobs"),
+        (lambda: m.TokenOutput(**{**TOK, "num_cached_tokens": -1}), "num_cached_tokens"),
+        (lambda: m.TokenOutput(**TOK, queue_time_s=-1.0), "queue_time_s"),
+        (lambda: m.KVReport(request_id="r", nbytes=-1, seconds=0.1, ok=True), "nbytes"),
+        (lambda: m.KVReport(request_id="r", nbytes=1, seconds=-0.1, ok=False), "seconds"),
+        (lambda: chunk(first_block=-1), "first_block"),
+        (lambda: chunk(num_blocks=0, nbytes=0), "num_blocks"),
+        (lambda: chunk(block_shape=BLOCK[:4]), "block_shape"),
+        (lambda: chunk(block_shape=[30, 3, 16, 3, 64], nbytes=1), "block_shape"),
+        (lambda: chunk(dtype="int8"), "dtype"),
+        (lambda: chunk(nbytes=BLOCK_BYTES - 1), "nbytes"),
+        (lambda: chunk(checksum=1 << 64), "checksum"),
+        (lambda: m.KVDone(**{**DONE, "first_logprobs": [5, -0.1]}), "first_logprobs"),
+        (lambda: m.KVDone(**{**DONE, "first_token": -5}), "first_token"),
     ],
 )
 def test_messages_refuse_impossible_values(make, match):
@@ -157,8 +220,16 @@ def test_messages_refuse_impossible_values(make, match):
 
 def test_logprob_entries_of_the_documented_shape_are_fine():
     entry = [5, -0.25, [[5, -0.25], [9, -2]]]
-    assert m.TokenOutput("r", "w", [5], [entry], None, None, 0, "").logprobs == [entry]
-    assert m.KVDone("r", 1, 5, entry, 0).first_logprobs == entry
+    assert m.TokenOutput(**{**TOK, "token_ids": [5], "logprobs": [entry]}).logprobs == [entry]
+    assert m.KVDone(**{**DONE, "first_logprobs": entry}).first_logprobs == entry
+
+
+def test_a_failure_is_its_own_message_not_a_token_output():
+    names = {f.name for f in dataclasses.fields(m.TokenOutput)}
+    assert not names & {"error", "retry"}
+    failed = m.RequestFailed(request_id="r", worker_id="w", error="draining", retry=True)
+    assert failed.TYPE == "request_failed" and failed.retry
+    assert "version" not in {f.name for f in dataclasses.fields(m.Register)}
 
 
 def test_messages_and_codec_import_neither_torch_nor_zmq():

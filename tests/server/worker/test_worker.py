@@ -3,8 +3,11 @@ handoff ends, whether it went well or not."""
 
 from __future__ import annotations
 
+import dataclasses
+import threading
 import time
 
+import msgpack
 import pytest
 import zmq
 
@@ -17,6 +20,7 @@ from baton.server.worker.worker import Worker
 
 PROMPT = list(range(5, 45))  # 40 tokens: 3 blocks of 16
 PARAMS = m.params_to_dict(SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+OPENED = m.KVOpenReply(request_id="r1", ok=True, reason="")
 
 
 @pytest.fixture
@@ -60,7 +64,15 @@ def control_messages(router: zmq.Socket, worker: Worker, until: type) -> list:
 
 
 def start(worker: Worker, decode_endpoint: str) -> None:
-    worker._on_generate(m.Generate("r1", PROMPT, PARAMS, "decode-0", decode_endpoint))
+    worker._on_generate(
+        m.Generate(
+            request_id="r1",
+            prompt_token_ids=PROMPT,
+            params=PARAMS,
+            decode_worker_id="decode-0",
+            decode_endpoint=decode_endpoint,
+        )
+    )
 
 
 def test_a_completed_handoff_reports_its_bytes(tiny_config_dir, sockets):
@@ -70,14 +82,14 @@ def test_a_completed_handoff_reports_its_bytes(tiny_config_dir, sockets):
         start(w, d_end)
         peer, opened, _ = recv(decode, w)
         assert isinstance(opened, m.KVOpen) and opened.prompt_token_ids == PROMPT
-        decode.send_multipart([peer, *codec.encode(m.KVOpenReply("r1", True, ""))])
+        decode.send_multipart([peer, *codec.encode(OPENED)])
         nbytes = 0
         while True:
             _, msg, payload = recv(decode, w)
             if isinstance(msg, m.KVDone):
                 break
             nbytes += sum(p.nbytes for p in payload)
-        decode.send_multipart([peer, *codec.encode(m.KVAck("r1", True, ""))])
+        decode.send_multipart([peer, *codec.encode(m.KVAck(request_id="r1", ok=True, reason=""))])
         msgs = control_messages(router, w, until=m.KVReport)
         first = next(x for x in msgs if isinstance(x, m.TokenOutput))
         assert len(first.token_ids) == 1 and first.queue_time_s is not None
@@ -97,20 +109,64 @@ def test_a_failed_handoff_is_reported_and_fails_the_request(tiny_config_dir, soc
         start(w, d_end)
         peer, _, _ = recv(decode, w)
         if how == "refused":
-            reply = m.KVOpenReply("r1", False, "no free KV blocks right now")
+            reply = dataclasses.replace(OPENED, ok=False, reason="no free KV blocks right now")
         else:
-            decode.send_multipart([peer, *codec.encode(m.KVOpenReply("r1", True, ""))])
+            decode.send_multipart([peer, *codec.encode(OPENED)])
             while not isinstance(recv(decode, w)[1], m.KVDone):
                 pass
-            reply = m.KVAbort("r1", "gone") if how == "aborted" else m.KVAck("r1", False, "bad")
+            if how == "aborted":
+                reply = m.KVAbort(request_id="r1", reason="gone")
+            else:
+                reply = m.KVAck(request_id="r1", ok=False, reason="bad")
         decode.send_multipart([peer, *codec.encode(reply)])
-        msgs = control_messages(router, w, until=m.TokenOutput)
-        while not any(isinstance(x, m.TokenOutput) and x.error for x in msgs):
-            msgs += control_messages(router, w, until=m.TokenOutput)
+        msgs = control_messages(router, w, until=m.RequestFailed)
         reports = [x for x in msgs if isinstance(x, m.KVReport)]
         assert len(reports) == 1 and not reports[0].ok
-        assert msgs[-1].error and msgs[-1].finish_reason == "abort"
+        failed = msgs[-1]
+        assert failed.request_id == "r1" and failed.worker_id == w.id
+        assert failed.error and failed.retry  # the handoff's fault: the router may run it elsewhere
         assert w.engine.batcher.block_manager.num_used_blocks == 0 and not w.outgoing
         assert not w.engine.has_unfinished_requests()
     finally:
+        w.close()
+
+
+@pytest.mark.parametrize("router_version", ["same", "newer"])
+def test_a_refused_registration_stops_the_worker_at_once(tiny_config_dir, sockets, router_version):
+    """Refused in this worker's version, it stops with the router's reason; answered in another
+    version (a router that cannot write this worker's), with both versions named."""
+    router, r_end, _, _ = sockets
+    w = prefill_worker(tiny_config_dir, r_end)
+    errors = []
+
+    def register():
+        try:
+            w.register()
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    t = threading.Thread(target=register, daemon=True)
+    t.start()
+    try:
+        assert router.poll(20_000), "the worker did not register"
+        ident, *frames = router.recv_multipart()
+        assert codec.peek(frames) == ("register", codec.PROTOCOL_VERSION)
+        newer = codec.PROTOCOL_VERSION + 1
+        reason = f"protocol version {codec.PROTOCOL_VERSION} is not this router's {newer}"
+        if router_version == "same":
+            reply = codec.encode(m.RegisterReply(accepted=False, reason=reason))
+        else:
+            f = {"accepted": False, "reason": reason}
+            reply = [msgpack.packb({"t": "register_reply", "v": newer, "f": f})]
+        router.send_multipart([ident, *reply])
+        t.join(timeout=2)  # at once, not after the register timeout
+        assert not t.is_alive() and not w.registered
+        if router_version == "same":
+            assert errors == [f"the router refused this worker: {reason}"]
+        else:
+            (error,) = errors
+            assert f"protocol version {newer}" in error
+            assert f"this worker {codec.PROTOCOL_VERSION}" in error
+    finally:
+        t.join(timeout=10)
         w.close()
