@@ -81,7 +81,7 @@ def cpu():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 before = cpu()
-time.sleep(0.5)
+time.sleep(1.0)
 print(json.dumps({"idle_cpu_s": cpu() - before, "threads": torch.get_num_threads(),
                   "affinity": sorted(os.sched_getaffinity(0)),
                   "spincount": os.environ.get("GOMP_SPINCOUNT")}))
@@ -106,9 +106,10 @@ def test_the_wait_policy_takes_so_an_idle_process_burns_no_cpu():
     brief, active = run_plan("brief"), run_plan("active")
     assert brief["threads"] == 2 and brief["affinity"] == [0, 1]
     assert brief["spincount"] == str(SPIN_COUNTS["brief"])
-    # active: the other thread spins all through the sleep; brief: it sleeps too
-    assert active["idle_cpu_s"] > 0.3
+    # active: the other thread spins all through the sleep, as far as a busy machine lets it
+    # (it got 16% of a core beside a loaded test run); brief: it sleeps too
     assert brief["idle_cpu_s"] < 0.05
+    assert active["idle_cpu_s"] > max(0.1, 5 * brief["idle_cpu_s"])
 
 
 def test_cpu_lists_parse_and_print_as_taskset_writes_them():
