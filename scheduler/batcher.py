@@ -74,13 +74,16 @@ class Batcher:
             raise ValueError(f"seq_id: {seq.seq_id!r} is already scheduled")
         if not seq.prompt_token_ids:
             raise ValueError("prompt: must not be empty")
-        total = seq.num_prompt_tokens + (seq.params.max_tokens or 0)
+        # NOTE: capacity only. The length rule (scheduler.limits) is settled where a request
+        # arrives (the router, the engine); past max_model_len a sequence ends with "length".
+        # Its prompt must fit, though: without chunking a longer one would never be scheduled.
         max_len = self.scheduler_config.max_model_len
-        if total > max_len:
+        if seq.num_prompt_tokens > max_len:
             raise ValueError(
-                f"prompt ({seq.num_prompt_tokens} tokens) + max_tokens "
-                f"({seq.params.max_tokens}) = {total} tokens exceeds max_model_len ({max_len})"
+                f"prompt: {seq.num_prompt_tokens} tokens exceed max_model_len ({max_len}), "
+                f"the longest sequence a step runs"
             )
+        total = seq.num_prompt_tokens + (seq.params.max_tokens or 0)
         blocks = self.block_manager.blocks_needed(total)
         if blocks > self.cache_config.num_blocks:
             raise ValueError(

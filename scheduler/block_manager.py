@@ -22,7 +22,7 @@ def hash_block(parent: bytes | None, token_ids: SequenceABC[int]) -> bytes:
 
 def compute_block_hashes(token_ids: SequenceABC[int], block_size: int) -> list[bytes]:
     """The chain hash of each full block of `token_ids`, in order (a trailing partial block has
-    none). Equal lists mean equal prefixes, so a router can match them against a cache's."""
+    none). Equal lists mean equal prefixes; `check_invariants` checks each table against them."""
     hashes: list[bytes] = []
     parent = None
     for start in range(0, len(token_ids) - block_size + 1, block_size):

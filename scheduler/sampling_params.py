@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
@@ -115,6 +116,12 @@ class SamplingParams:
             or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
+
+    def choice(self, i: int) -> SamplingParams:
+        """Choice `i` of an n-way request, run as a sequence of its own: n == 1 and, with a seed,
+        seed + i, so the choices differ and each can be reproduced alone."""
+        seed = None if self.seed is None else (self.seed + i) % 2**63
+        return dataclasses.replace(self, n=1, seed=seed)
 
     @property
     def greedy(self) -> bool:

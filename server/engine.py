@@ -11,10 +11,12 @@ import torch
 
 from baton.scheduler.batcher import Batcher
 from baton.scheduler.config import CacheConfig, SchedulerConfig
+from baton.scheduler.limits import settle_max_tokens
 from baton.scheduler.sampling_params import SamplingParams
 from baton.scheduler.sequence import Sequence
 from baton.server.config import EngineConfig, resolve_max_model_len
 from baton.server.detokenizer import IncrementalDetokenizer
+from baton.server.dtypes import TORCH_DTYPES
 from baton.server.kv_cache import (
     activation_bytes,
     block_bytes,
@@ -27,8 +29,6 @@ from baton.server.model_runner import ModelRunner
 from baton.server.outputs import CompletionOutput, RequestOutput
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -43,7 +43,7 @@ def resolve_device(device: str | None) -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[dtype]
+    return TORCH_DTYPES[dtype]
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,17 @@ class Handoff:
 
 
 @dataclass
-class _Request:
+class _RequestState:
+    """One request in the engine: its n sequences, and what it has returned of each."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     seqs: list[Sequence]
     detoks: list[IncrementalDetokenizer | None]
+    # NOTE: their token_ids stay empty: `_snapshot` takes them from `seqs`, the one copy.
     outputs: list[CompletionOutput] = field(default_factory=list)
+    num_prior: int = 0  # leading output tokens generated elsewhere (a resume): not returned
     handoff: bool = False  # prefill role: hand the KV over after the first token
     arrival_time: float = field(default_factory=time.monotonic)
     queue_time: float | None = None  # arrival to the first step that ran any of its tokens
@@ -143,8 +147,8 @@ class LLMEngine:
             cpu_linear=config.cpu_linear,
         )
         self.eos_token_id = loaded.eos_token_id
-        self._requests: dict[str, _Request] = {}
-        self._seq_owner: dict[str, tuple[_Request, int]] = {}
+        self._requests: dict[str, _RequestState] = {}
+        self._seq_owner: dict[str, tuple[_RequestState, int]] = {}
         self._handoff_seqs: dict[str, Sequence] = {}  # detached, KV not yet acknowledged
         self._new_handoffs: list[Handoff] = []
         logger.info(
@@ -217,9 +221,7 @@ class LLMEngine:
         prior = self._check_prior(prior_output_ids or [], params, handoff)
         seqs, detoks = [], []
         for i in range(params.n):
-            child = params
-            if params.seed is not None and i:
-                child = dataclasses.replace(params, seed=(params.seed + i) % 2**63)
+            child = params.choice(i)
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
             seqs.append(
                 Sequence(
@@ -235,13 +237,14 @@ class LLMEngine:
                 if self.tokenizer is not None and self.config.detokenize
                 else None
             )
-        req = _Request(
+        req = _RequestState(
             request_id,
             prompt if isinstance(prompt, str) else None,
             token_ids,
             seqs,
             detoks,
             [CompletionOutput(index=i) for i in range(params.n)],
+            num_prior=len(prior),
             handoff=handoff,
         )
         for seq in seqs:  # Batcher.add validates before anything is allocated
@@ -263,19 +266,9 @@ class LLMEngine:
         return self.tokenize(list(prior))
 
     def _bound_params(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
-        limit = self.max_model_len
-        if prompt_len >= limit:
-            raise ValueError(
-                f"prompt: {prompt_len} tokens leave no room to generate within the "
-                f"context length of {limit} tokens"
-            )
-        if params.max_tokens is None:
-            params = dataclasses.replace(params, max_tokens=limit - prompt_len)
-        elif prompt_len + params.max_tokens > limit:
-            raise ValueError(
-                f"max_tokens: prompt ({prompt_len} tokens) + max_tokens "
-                f"({params.max_tokens}) exceeds the context length of {limit} tokens"
-            )
+        # NOTE: behind a router max_tokens arrives settled; offline (LLM) this settles it.
+        max_tokens = settle_max_tokens(prompt_len, params.max_tokens, self.max_model_len)
+        params = dataclasses.replace(params, max_tokens=max_tokens)
         extra_eos = tuple(e for e in self.model_config.eos_token_ids if e != self.eos_token_id)
         if extra_eos and not params.ignore_eos:
             merged = tuple(dict.fromkeys(params.stop_token_ids + extra_eos))
@@ -320,7 +313,7 @@ class LLMEngine:
         samples = self.runner.execute(batch)
         advanced = self.batcher.update(batch, {sid: r.token_id for sid, r in samples.items()})
         self._mark_scheduled(batch.seqs, now)
-        touched: dict[str, _Request] = {}
+        touched: dict[str, _RequestState] = {}
         for out in self._all_outputs():
             out.text_delta, out.token_ids_delta = "", []
         for seq in advanced:
@@ -346,10 +339,9 @@ class LLMEngine:
         for req in self._requests.values():
             yield from req.outputs
 
-    def _record(self, req: _Request, i: int, seq: Sequence, sample) -> None:
+    def _record(self, req: _RequestState, i: int, seq: Sequence, sample) -> None:
         out, detok = req.outputs[i], req.detoks[i]
         token = seq.output_token_ids[-1]
-        out.token_ids.append(token)
         out.token_ids_delta.append(token)
         if sample.logprob is not None:
             if out.logprobs is None:
@@ -372,7 +364,7 @@ class LLMEngine:
         self.runner.release(seq_id)
         self._seq_owner.pop(seq_id, None)
 
-    def _snapshot(self, req: _Request) -> RequestOutput:
+    def _snapshot(self, req: _RequestState) -> RequestOutput:
         return RequestOutput(
             request_id=req.request_id,
             prompt=req.prompt,
@@ -380,10 +372,10 @@ class LLMEngine:
             outputs=[
                 dataclasses.replace(
                     o,
-                    token_ids=list(o.token_ids),
+                    token_ids=seq.output_token_ids[req.num_prior :],
                     logprobs=list(o.logprobs) if o.logprobs else o.logprobs,
                 )
-                for o in req.outputs
+                for seq, o in zip(req.seqs, req.outputs, strict=True)
             ],
             finished=req.finished,
             num_cached_tokens=req.seqs[0].num_cached_tokens,
@@ -398,7 +390,7 @@ class LLMEngine:
 
     # ---- disaggregation -------------------------------------------------------------------
 
-    def _detach(self, req: _Request) -> None:
+    def _detach(self, req: _RequestState) -> None:
         seq = self.batcher.detach(req.seqs[0].seq_id)
         self._release(seq.seq_id)
         self._handoff_seqs[req.request_id] = seq
@@ -459,8 +451,10 @@ class LLMEngine:
         """The reserved prompt's KV is in place: decode from its first token on. Returns an
         output only if the first token already ends the request."""
         seq = self.batcher.commit(request_id, first_token)
-        req = _Request(request_id, None, list(seq.prompt_token_ids), [seq], [None], queue_time=0.0)
-        out = CompletionOutput(index=0, token_ids=[first_token])
+        req = _RequestState(
+            request_id, None, list(seq.prompt_token_ids), [seq], [None], queue_time=0.0
+        )
+        out = CompletionOutput(index=0)
         if first_logprobs is not None:
             out.logprobs = [tuple(first_logprobs)]
         req.outputs.append(out)

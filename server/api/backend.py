@@ -35,7 +35,7 @@ class Backend(Protocol):
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[TokenEvent]:
         """Places the request (raising NoWorkerAvailable at once if it cannot), then returns
-        its token events."""
+        its token events. `params.max_tokens` is settled: never None."""
         ...
 
     async def abort(self, request_id: str) -> None: ...

@@ -37,7 +37,7 @@ class _Choice:
     request_id: str
     params: SamplingParams  # what the backend sees: n == 1, no stop strings
     detok: IncrementalDetokenizer
-    limit: int  # output tokens allowed
+    limit: int  # output tokens allowed: the settled max_tokens
     iterator: AsyncIterator[TokenEvent] | None = None
     num_tokens: int = 0
     num_cached_tokens: int = 0
@@ -50,6 +50,8 @@ class _Choice:
 
 
 class Generation:
+    """`params` arrive with max_tokens settled (see Serving.settle_params)."""
+
     def __init__(
         self,
         backend: Backend,
@@ -62,14 +64,12 @@ class Generation:
         self.backend, self.metrics, self.arrival = backend, metrics, arrival
         self.prompt_token_ids = prompt_token_ids
         self.params = params
-        limit = params.max_tokens or backend.max_model_len - len(prompt_token_ids)
         ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
         self.choices: list[_Choice] = []
         for i, rid in enumerate(ids):
-            seed = None if params.seed is None else (params.seed + i) % 2**63  # as the engine
-            sub = dataclasses.replace(params, n=1, stop=(), seed=seed)
+            sub = dataclasses.replace(params.choice(i), stop=())
             detok = IncrementalDetokenizer(backend.tokenizer, prompt_token_ids, params)
-            self.choices.append(_Choice(i, rid, sub, detok, limit))
+            self.choices.append(_Choice(i, rid, sub, detok, params.max_tokens))
         self._queue: asyncio.Queue[Delta | Exception] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
 

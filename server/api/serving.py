@@ -1,9 +1,11 @@
-"""From a validated request to a response: model check, prompt tokens, length check, then one
-Generation answered as JSON or as server-sent events ending in `data: [DONE]`."""
+"""From a validated request to a response: model check, prompt tokens, max_tokens settled against
+the context length, then one Generation answered as JSON or as server-sent events ending in
+`data: [DONE]`."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -17,6 +19,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from baton.scheduler.limits import ContextLengthExceeded, settle_max_tokens
 from baton.scheduler.sampling_params import SamplingParams
 from baton.server.api import protocol as p
 from baton.server.api.backend import Backend
@@ -68,25 +71,34 @@ class Serving:
                 404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
             )
 
-    def check_length(self, num_prompt: int, max_tokens: int | None, prompt_param: str) -> None:
-        limit = self.backend.max_model_len
-        if max_tokens is None and num_prompt >= limit:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {limit} tokens. However, the prompt "
-                f"has {num_prompt} tokens, which leaves no room for the completion.",
-                param=prompt_param,
-                code="context_length_exceeded",
+    def settle_params(
+        self, params: SamplingParams, num_prompt: int, prompt_param: str
+    ) -> SamplingParams:
+        """`params` with max_tokens settled (None: the room the prompt leaves); a 400 naming
+        `prompt_param` or max_tokens when they do not fit the context."""
+        try:
+            max_tokens = settle_max_tokens(
+                num_prompt, params.max_tokens, self.backend.max_model_len
             )
-        if max_tokens is not None and num_prompt + max_tokens > limit:
+        except ContextLengthExceeded as e:
+            head = f"This model's maximum context length is {e.max_model_len} tokens. However,"
+            if e.max_tokens is None:
+                raise APIError(
+                    400,
+                    f"{head} the prompt has {e.prompt_len} tokens, which leaves no room for the "
+                    f"completion.",
+                    param=prompt_param,
+                    code="context_length_exceeded",
+                ) from None
             raise APIError(
                 400,
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} for "
-                f"the completion). Please reduce the prompt or max_tokens.",
+                f"{head} you requested {e.prompt_len + e.max_tokens} tokens ({e.prompt_len} in "
+                f"the prompt, {e.max_tokens} for the completion). Please reduce the prompt or "
+                f"max_tokens.",
                 param="max_tokens",
                 code="context_length_exceeded",
-            )
+            ) from None
+        return dataclasses.replace(params, max_tokens=max_tokens)
 
     def completion_prompt(self, prompt: Any) -> list[int]:
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
@@ -148,7 +160,7 @@ class Serving:
         arrival = time.monotonic()
         params = self.checked_params(req)
         prompt_ids = self.completion_prompt(req.prompt)
-        self.check_length(len(prompt_ids), params.max_tokens, "prompt")
+        params = self.settle_params(params, len(prompt_ids), "prompt")
         rid = f"cmpl-{uuid.uuid4().hex}"
         fmt = CompletionFormat(rid, req.model, params.n, self.token_str)
         return await self._run(request, arrival, rid, prompt_ids, params, req, fmt)
@@ -157,7 +169,7 @@ class Serving:
         arrival = time.monotonic()
         params = self.checked_params(req)
         prompt_ids = self.chat_prompt(req.messages)
-        self.check_length(len(prompt_ids), params.max_tokens, "messages")
+        params = self.settle_params(params, len(prompt_ids), "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         fmt = ChatFormat(rid, req.model, params.n, self.token_str, params.logprobs or 0)
         return await self._run(request, arrival, rid, prompt_ids, params, req, fmt)

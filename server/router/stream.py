@@ -27,6 +27,7 @@ class Stream:
     params: SamplingParams
     started: float
     deadline: float | None
+    # TokenOutput and RequestFailed of its attempts, WorkerLost: in the order they came
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     wire_id: str = ""
     workers: list[str] = field(default_factory=list)  # the attempt's workers still involved
@@ -38,5 +39,5 @@ class Stream:
         return self.request_id if self.attempts == 1 else f"{self.request_id}@{self.attempts}"
 
     def blocks_needed(self, block_size: int) -> int:
-        """KV blocks for the prompt and every token it may generate."""
-        return -(-(len(self.prompt_token_ids) + (self.params.max_tokens or 0)) // block_size)
+        """KV blocks for the prompt and every token it may generate (max_tokens is settled)."""
+        return -(-(len(self.prompt_token_ids) + self.params.max_tokens) // block_size)

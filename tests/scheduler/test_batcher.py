@@ -153,9 +153,9 @@ def test_a_sequence_that_cannot_grow_preempts_itself():
 
 
 def test_add_rejects_requests_that_can_never_fit():
-    b = make_batcher(num_blocks=4, block_size=4, max_model_len=64)
-    with pytest.raises(ValueError, match=r"60 tokens.*\(10\).*70.*max_model_len \(64\)"):
-        b.add(make_seq("a", 60, max_tokens=10))
+    b = make_batcher(num_blocks=4, block_size=4, max_model_len=12)
+    with pytest.raises(ValueError, match=r"prompt: 13 tokens exceed max_model_len \(12\)"):
+        b.add(make_seq("a", 13, max_tokens=None))
     with pytest.raises(ValueError, match=r"20 tokens need 5 KV blocks.*only 4 blocks"):
         b.add(make_seq("b", 10, max_tokens=10))
     with pytest.raises(ValueError, match="empty"):
@@ -234,11 +234,13 @@ def test_max_tokens_and_max_model_len_finish_with_length():
     b = make_batcher(max_model_len=8)
     capped = make_seq("capped", 3, max_tokens=2)
     unbounded = make_seq("unbounded", 6, first_token=40, max_tokens=None)
-    b.add(capped)
-    b.add(unbounded)
+    unsettled = make_seq("unsettled", 5, first_token=60, max_tokens=10)  # past max_model_len
+    for seq in (capped, unbounded, unsettled):
+        b.add(seq)
     run_to_end(b)
     assert capped.finish_reason == "length" and capped.num_output_tokens == 2
     assert unbounded.finish_reason == "length" and unbounded.num_tokens == 8
+    assert unsettled.finish_reason == "length" and unsettled.num_tokens == 8
 
 
 def test_finish_by_engine_on_stop_string():
@@ -300,5 +302,5 @@ def test_cancelled_reservation_frees_its_blocks():
     assert b.reserve(make_seq("a", 9))
     assert b.cancel_reservation("a") and not b.cancel_reservation("a")
     assert b.block_manager.num_used_blocks == 0
-    with pytest.raises(ValueError, match="exceeds max_model_len"):
+    with pytest.raises(ValueError, match="260 tokens need 65 KV blocks"):
         b.reserve(make_seq("big", 250, max_tokens=10))

@@ -80,15 +80,15 @@ class BatcherMachine(RuleBasedStateMachine):
             eos_token_id=EOS,
         )
         self.next_id += 1
+        # NOTE: only capacity: the length rule is settled before a request reaches a batcher.
         total = len(prompt) + (max_tokens or 0)
-        fits = total <= self.sched.max_model_len and -(-total // self.cache.block_size) <= (
-            self.cache.num_blocks
-        )
+        prompt_fits = len(prompt) <= self.sched.max_model_len
+        fits = prompt_fits and -(-total // self.cache.block_size) <= self.cache.num_blocks
         try:
             self.b.add(seq)
         except ValueError as e:
             assert not fits, e
-            assert str(total) in str(e)
+            assert str(total if prompt_fits else len(prompt)) in str(e)
             return
         assert fits
         assert seq.status is SequenceStatus.WAITING and self.b.get(seq.seq_id) is seq
