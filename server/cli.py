@@ -10,6 +10,8 @@ import shlex
 import sys
 import time
 
+DEMO_FLAGS = ("--model", "--device", "--dtype")  # of the engine flags, what `demo` takes
+
 
 def _demo(args: argparse.Namespace) -> int:
     from baton import LLM, SamplingParams
@@ -52,17 +54,16 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from baton.server.flags import ENGINE_FLAGS, MODEL_FLAGS, add_flags
+    from baton.server.launch import add_subcommands
+
     parser = argparse.ArgumentParser(prog="baton", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="offline generation on a few chat prompts")
-    demo.add_argument("--model", default="smollm2")
-    demo.add_argument("--device", default=None)
-    demo.add_argument("--dtype", default="auto")
+    add_flags(demo, [f for f in MODEL_FLAGS + ENGINE_FLAGS if f.name in DEMO_FLAGS])
     demo.add_argument("--max-tokens", type=int, default=48)
     demo.add_argument("--prompt", action="append", help="a user message (repeatable)")
     demo.set_defaults(func=_demo)
-    from baton.server.launch import add_subcommands
-
     add_subcommands(sub)
     keys = sub.add_parser("keys", help="write a CURVE key pair that secures a deployment's links")
     keys.add_argument("directory", help="where baton.key and baton.key_secret go")

@@ -6,7 +6,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+from baton.server.wire.messages import DTYPE_SIZES
+
+DTYPES = ("auto", *DTYPE_SIZES)
 LOAD_FORMATS = ("auto", "dummy")
 DEFAULT_MAX_MODEL_LEN_CAP = 8192
 

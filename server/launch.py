@@ -11,61 +11,18 @@ import signal
 import subprocess
 import sys
 
-from baton.server.cpu_threads import WAIT_POLICIES
+from baton.server.flags import (
+    ENGINE_FLAGS,
+    FORWARDED,
+    MODEL_FLAGS,
+    SECURITY_FLAGS,
+    WORKER_FLAGS,
+    add_flags,
+    engine_fields,
+    forward,
+)
 
 logger = logging.getLogger("baton")
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", help="alias, HF folder, .gguf or config")
-    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache size on CPU")
-    p.add_argument("--gpu-memory-utilization", type=float, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--attention-backend",
-        default="auto",
-        choices=["auto", "torch", "triton"],
-        help="auto: triton on CUDA, torch on CPU",
-    )
-    p.add_argument(
-        "--enforce-eager", action="store_true", help="CUDA: no CUDA graphs for decode steps"
-    )
-    p.add_argument(
-        "--cpu-linear",
-        default="auto",
-        help="float32 CPU linears: auto (timed once per host and cached), or a plan such as "
-        "mkl-packed or dense@1,mkl-packed@3 (kernels: dense, onednn, mkl-packed, onednn-packed)",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="CPU threads per worker (default: one per core the worker may use, within the "
-        "cgroup's CPU quota; $OMP_NUM_THREADS if set)",
-    )
-    p.add_argument(
-        "--thread-wait-policy",
-        default="auto",
-        choices=WAIT_POLICIES,
-        help="how a CPU thread with nothing to do waits: brief (spin ~the gap between two "
-        "parallel regions, then sleep), passive (sleep at once), active (spin); auto: brief, "
-        "or what $OMP_WAIT_POLICY / $GOMP_SPINCOUNT say",
-    )
-    p.add_argument(
-        "--cpus",
-        default=None,
-        help="pin each worker to these cores, e.g. 0-3,6 (default: the cores it was given)",
-    )
 
 
 def _thread_config(args):
@@ -74,16 +31,6 @@ def _thread_config(args):
 
     cpus = None if args.cpus is None else parse_cpu_list(args.cpus)
     return ThreadConfig(threads=args.threads, wait_policy=args.thread_wait_policy, cpus=cpus)
-
-
-def add_security_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--curve-key-file",
-        default=None,
-        help="CURVE-secure every ZeroMQ link with this secret key file (see `baton keys`); "
-        "default: $BATON_CURVE_SECRET_KEY_FILE, or the key pair in $BATON_CURVE_PUBLIC_KEY and "
-        "$BATON_CURVE_SECRET_KEY; none: plain links",
-    )
 
 
 def _curve_keys(args):
@@ -119,25 +66,10 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
 def _engine_config(args, num_on_device: int = 1):
     from baton.server.config import EngineConfig
 
-    util = args.gpu_memory_utilization or round(0.85 / max(1, num_on_device), 3)
-    return EngineConfig(
-        model=args.model,
-        load_format=args.load_format,
-        dtype=args.dtype,
-        device=args.device,
-        seed=args.seed,
-        attention_backend=None if args.attention_backend == "auto" else args.attention_backend,
-        cuda_graphs=not args.enforce_eager,
-        block_size=args.block_size,
-        kv_cache_gib=args.kv_cache_gib,
-        gpu_memory_utilization=util,
-        max_model_len=args.max_model_len,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
-        cpu_linear=args.cpu_linear,
-        show_progress=False,
-        detokenize=False,
-    )
+    fields = engine_fields(args)
+    if fields["gpu_memory_utilization"] is None:
+        fields["gpu_memory_utilization"] = round(0.85 / max(1, num_on_device), 3)
+    return EngineConfig(**fields, show_progress=False, detokenize=False)
 
 
 def _serve_config(args, control: str):
@@ -175,7 +107,7 @@ def run_worker(args) -> int:
     apply_thread_plan(threads)
 
     from baton.server.worker.config import WorkerConfig
-    from baton.server.worker.worker import Worker
+    from baton.server.worker.worker import RegistrationError, Worker
 
     kw = {"worker_id": args.worker_id} if args.worker_id else {}
     cfg = WorkerConfig(
@@ -202,7 +134,11 @@ def run_worker(args) -> int:
     # SIGTERM drains (finish or give back the work, deregister, exit); Ctrl-C stops at once.
     signal.signal(signal.SIGTERM, lambda *_: worker.drain())
     with contextlib.suppress(KeyboardInterrupt):
-        worker.run()
+        try:
+            worker.run()
+        except RegistrationError as e:  # refused (another protocol version, a mismatch) or unheard
+            print(f"baton worker: {e}", file=sys.stderr)
+            return 1
     return 0
 
 
@@ -225,29 +161,10 @@ def worker_command(
     args, role: str, router: str, index: int, num_workers: int, cpus: str | None = None
 ) -> list[str]:
     """The `baton worker` command line `baton serve` starts; `cpus`: its cores (else --cpus)."""
-    cmd = [sys.executable, "-m", "baton.server.cli", "worker", "--role", role]
-    cmd += ["--router", router, "--model", args.model, "--load-format", args.load_format]
-    cmd += ["--dtype", args.dtype, "--kv-cache-gib", str(args.kv_cache_gib)]
-    cmd += ["--block-size", str(args.block_size), "--seed", str(args.seed)]
-    cmd += ["--attention-backend", args.attention_backend]
-    cmd += ["--enforce-eager"] if args.enforce_eager else []
-    cmd += ["--max-num-seqs", str(args.max_num_seqs), "--workers-on-device", str(num_workers)]
-    cmd += ["--max-num-batched-tokens", str(args.max_num_batched_tokens)]
+    cmd = [sys.executable, "-m", "baton.server.cli", "worker", "--role", role, "--router", router]
     cmd += ["--worker-id", f"{role}-{index}-{os.getpid()}", "--parent-pid", str(os.getpid())]
-    cmd += ["--drain-timeout", str(args.drain_timeout), "--kv-timeout", str(args.kv_timeout)]
-    if args.curve_key_file:
-        cmd += ["--curve-key-file", args.curve_key_file]
-    cmd += ["--thread-wait-policy", args.thread_wait_policy, "--cpu-linear", args.cpu_linear]
-    for flag, value in (
-        ("--threads", args.threads),
-        ("--cpus", cpus or args.cpus),
-        ("--device", args.device),
-        ("--max-model-len", args.max_model_len),
-        ("--gpu-memory-utilization", args.gpu_memory_utilization),
-    ):
-        if value is not None:
-            cmd += [flag, str(value)]
-    return cmd
+    cmd += ["--workers-on-device", str(num_workers)]
+    return cmd + forward(FORWARDED, vars(args) | ({"cpus": cpus} if cpus else {}))
 
 
 def run_serve(args) -> int:
@@ -322,15 +239,13 @@ def _exit_on_signal(signum, _frame) -> None:
 
 def add_subcommands(sub) -> None:
     serve = sub.add_parser("serve", help="router + prefill and decode pools on this machine")
-    add_model_args(serve)
-    add_engine_args(serve)
+    add_flags(serve, MODEL_FLAGS + ENGINE_FLAGS)
     add_router_args(serve)
-    add_security_args(serve)
+    add_flags(serve, SECURITY_FLAGS)
     serve.add_argument("--prefill-workers", type=int, default=1)
     serve.add_argument("--decode-workers", type=int, default=1)
     serve.add_argument("--workers", type=int, default=1, help="colocated mode: pool size")
-    serve.add_argument("--drain-timeout", type=float, default=30.0, help="workers' SIGTERM drain")
-    serve.add_argument("--kv-timeout", type=float, default=60.0, help="stalled KV handoff limit")
+    add_flags(serve, WORKER_FLAGS)
     serve.add_argument(
         "--worker-cores",
         default="shared",
@@ -340,9 +255,9 @@ def add_subcommands(sub) -> None:
     serve.set_defaults(func=run_serve)
 
     router = sub.add_parser("router", help="the HTTP router alone; workers join it")
-    add_model_args(router)
+    add_flags(router, MODEL_FLAGS)
     add_router_args(router)
-    add_security_args(router)
+    add_flags(router, SECURITY_FLAGS)
     router.add_argument(
         "--control",
         default="tcp://127.0.0.1:8001",
@@ -351,9 +266,7 @@ def add_subcommands(sub) -> None:
     router.set_defaults(func=run_router)
 
     worker = sub.add_parser("worker", help="one prefill, decode or colocated worker")
-    add_model_args(worker)
-    add_engine_args(worker)
-    add_security_args(worker)
+    add_flags(worker, MODEL_FLAGS + ENGINE_FLAGS + SECURITY_FLAGS)
     worker.add_argument("--role", required=True, choices=["prefill", "decode", "both"])
     worker.add_argument("--router", required=True, help="e.g. tcp://ROUTER_HOST:8001")
     worker.add_argument("--kv-host", default="127.0.0.1", help="address peers reach this on")
@@ -369,12 +282,7 @@ def add_subcommands(sub) -> None:
     )
     worker.add_argument("--health-host", default="127.0.0.1", help="where the probes listen")
     worker.add_argument("--worker-id", default=None)
-    worker.add_argument(
-        "--drain-timeout", type=float, default=30.0, help="SIGTERM: seconds to finish the work"
-    )
-    worker.add_argument(
-        "--kv-timeout", type=float, default=60.0, help="seconds a stalled KV handoff is kept"
-    )
+    add_flags(worker, WORKER_FLAGS)
     worker.add_argument("--workers-on-device", type=int, default=1, help=argparse.SUPPRESS)
     worker.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     worker.set_defaults(func=run_worker)

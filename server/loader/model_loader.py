@@ -8,14 +8,13 @@ from typing import Any
 
 import torch
 
+from baton.server.dtypes import DTYPE_NAMES
 from baton.server.loader.dummy import init_dummy_weights
 from baton.server.loader.hf_folder import iter_safetensors, tokenizer_eos_id
 from baton.server.loader.resolve import resolve_model
 from baton.server.model_config import ModelConfig
 from baton.server.models.layers import RotaryEmbedding
 from baton.server.models.llama import LlamaForCausalLM
-
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -39,8 +38,8 @@ def load_model(
     tokenizer: bool = True,
 ) -> LoadedModel:
     """`tokenizer=False` (a worker behind a router, which handles text) skips loading it."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype: must be one of {DTYPES}, got {dtype}")
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"dtype: must be one of {tuple(DTYPE_NAMES)}, got {dtype}")
     spec = resolve_model(model, load_format)
     net = empty_model(spec.config, dtype, torch.device(device))
     if load_format == "dummy":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import sys
 from collections.abc import Callable
 
@@ -107,13 +108,12 @@ def _agrees(build: Callable[[torch.Tensor, torch.Tensor | None], LinearFn]) -> b
     return True
 
 
-def _available() -> tuple[str, ...]:
+@functools.cache
+def available() -> tuple[str, ...]:
+    """The kernels this torch build runs: "dense" always, the others where it has them.
+    Tried once, on first use: importing this module runs no matmul."""
     with torch.inference_mode():
         return tuple(name for name, (_, build) in KERNELS.items() if _agrees(build))
-
-
-AVAILABLE = _available()  # "dense" always; the others where this torch build has them
-MKL_PACKED = "mkl-packed" in AVAILABLE
 
 
 def is_cpu_float32(weight: torch.Tensor) -> bool:

@@ -27,7 +27,7 @@ import torch
 
 from baton.server.config import cache_root
 from baton.server.host_cpu import cpu_model, isa_flags
-from baton.server.models.cpu_linear import AVAILABLE, KERNELS
+from baton.server.models.cpu_linear import KERNELS, available
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +89,11 @@ class LinearPlan:
 
 
 def check_available(plan: LinearPlan) -> None:
-    missing = [k for k in plan.kernels if k not in AVAILABLE]
+    missing = [k for k in plan.kernels if k not in available()]
     if missing:
         raise ValueError(
             f"cpu_linear: this torch build cannot run {', '.join(missing)} "
-            f"(available: {', '.join(AVAILABLE)})"
+            f"(available: {', '.join(available())})"
         )
 
 
@@ -120,10 +120,12 @@ def probe_weights(units: list[tuple[torch.Tensor, torch.Tensor | None]]) -> Prob
 
 
 def measure(
-    probe: Probe, kernels: tuple[str, ...] = AVAILABLE, rows: tuple[int, ...] = ROWS
+    probe: Probe, kernels: tuple[str, ...] | None = None, rows: tuple[int, ...] = ROWS
 ) -> dict[str, dict[int, float]]:
-    """Seconds each kernel takes for a step's linears at each row count (each weight's median
-    over REPEATS calls, times how many of its shape a step reads)."""
+    """Seconds each kernel (default: every one available) takes for a step's linears at each
+    row count (each weight's median over REPEATS calls, times how many of its shape a step
+    reads)."""
+    kernels = available() if kernels is None else kernels
     gen = torch.Generator().manual_seed(0)  # not the global stream: loading draws nothing
     xs = {r: {} for r in rows}
     for r in rows:
@@ -201,7 +203,7 @@ def plan_key(probe: Probe) -> dict:
         "flags": isa_flags(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "kernels": list(AVAILABLE),
+        "kernels": list(available()),
         "shapes": [[*w.shape, n] for w, _, n in probe],
     }
 

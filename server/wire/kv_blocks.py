@@ -11,11 +11,9 @@ import operator
 import torch
 import xxhash
 
-from baton.server.wire.messages import DTYPE_SIZES, KVLayout
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-assert DTYPES.keys() == DTYPE_SIZES.keys()
+from baton.server.dtypes import DTYPE_NAMES
+from baton.server.dtypes import TORCH_DTYPES as DTYPES
+from baton.server.wire.messages import KVLayout
 
 
 def layout_of(kv_cache: torch.Tensor) -> KVLayout:

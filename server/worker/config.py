@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from baton.server.config import EngineConfig
 from baton.server.cpu_threads import ThreadPlan
 from baton.server.wire.curve import CurveKeys
-
-ROLES = ("prefill", "decode", "both")
+from baton.server.wire.messages import ROLES
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,10 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_MS = 100
 
 
+class RegistrationError(RuntimeError):
+    """The router refused this worker, or never answered its registration."""
+
+
 class Worker(KVPlane):
     def __init__(self, config: WorkerConfig, engine: LLMEngine | None = None) -> None:
         self.config = config
@@ -125,11 +129,11 @@ class Worker(KVPlane):
                 continue
             if isinstance(reply, m.RegisterReply):
                 if not reply.accepted:
-                    raise RuntimeError(f"the router refused this worker: {reply.reason}")
+                    raise RegistrationError(f"the router refused this worker: {reply.reason}")
                 logger.info("worker %s registered as %s", self.id, self.config.role)
                 self.registered = True
                 return
-        raise RuntimeError(f"no answer from the router at {self.config.router}")
+        raise RegistrationError(f"no answer from the router at {self.config.router}")
 
     @staticmethod
     def _check_router_version(frames) -> None:
@@ -140,7 +144,7 @@ class Worker(KVPlane):
         except codec.WireError:
             return
         if name == m.RegisterReply.TYPE and version != codec.PROTOCOL_VERSION:
-            raise RuntimeError(
+            raise RegistrationError(
                 f"the router speaks protocol version {version}, this worker "
                 f"{codec.PROTOCOL_VERSION}: run the same Baton version on both"
             )

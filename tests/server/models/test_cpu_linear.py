@@ -13,17 +13,23 @@ import torch
 import torch.nn.functional as F
 
 from baton.server.models import cpu_linear
-from baton.server.models.cpu_linear import AVAILABLE, KERNELS, PACK_ROWS, PlannedLinear
+from baton.server.models.cpu_linear import KERNELS, PACK_ROWS, PlannedLinear, available
 
 
 def test_the_cpu_wheel_has_every_kernel():
     # x86-64 CPU wheels ship MKL and oneDNN; losing one loses the host's fastest choice
-    assert tuple(KERNELS) == AVAILABLE
+    assert tuple(KERNELS) == available()
     assert cpu_linear.is_cpu_float32(torch.ones(2, 2))
     assert not cpu_linear.is_cpu_float32(torch.ones(2, 2, dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize("kernel", AVAILABLE)
+def test_importing_the_kernels_runs_none_of_them():
+    code = "from baton.server.models import cpu_linear as c; print(c.available.cache_info().misses)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0"
+
+
+@pytest.mark.parametrize("kernel", available())
 @pytest.mark.parametrize("bias", [False, True])
 def test_every_kernel_gives_f_linear_at_every_row_count(kernel, bias):
     gen = torch.Generator().manual_seed(0)
