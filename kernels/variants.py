@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from baton.kernels.decode_attention import MAX_SPLITS, plan_decode
-from baton.kernels.extend_attention import plan_extend, query_buckets
+from baton.kernels.extend_attention import plan_extend
+from baton.kernels.extend_config import query_buckets
 from baton.kernels.launch import Arch, Launch
 from baton.kernels.rmsnorm import plan_rms_norm
 from baton.kernels.rotary import plan_rotary

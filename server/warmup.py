@@ -15,7 +15,7 @@ import time
 import torch
 
 from baton.kernels import decode_attention, extend_attention, rmsnorm, rotary, silu_mul, store_kv
-from baton.kernels.extend_attention import query_buckets
+from baton.kernels.extend_config import query_buckets
 from baton.kernels.launch import arch_of
 from baton.kernels.utils import interpreting
 from baton.server.attention.base import AttentionBackend, AttentionMetadata, ForwardContext

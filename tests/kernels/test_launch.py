@@ -6,13 +6,8 @@ import pytest
 import torch
 
 from baton.kernels.decode_attention import MAX_SPLITS, plan_decode
-from baton.kernels.extend_attention import (
-    SHARED_SLACK,
-    launch_config,
-    plan_extend,
-    query_buckets,
-    shared_bytes,
-)
+from baton.kernels.extend_attention import plan_extend
+from baton.kernels.extend_config import SHARED_SLACK, launch_config, query_buckets, shared_bytes
 from baton.kernels.launch import SHARED_MEMORY, shared_memory_limit, spec_key
 
 HOPPER = (9, 0)
