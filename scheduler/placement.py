@@ -59,7 +59,10 @@ class WorkerState:
 
 class Pool:
     """The registered workers. The first one fixes the model and KV layout; later ones must
-    match, so a request never fails on a mismatch found mid-handoff."""
+    match, so a request never fails on a mismatch found mid-handoff.
+
+    NOTE: every change to a worker's state goes through a method here (admit, seen, beat,
+    assign, release, expire, lose, remove); a `WorkerState` is data the pool mutates."""
 
     def __init__(self, mode: str, model: str | None = None) -> None:
         if mode not in ("disagg", "colocated"):
@@ -92,6 +95,50 @@ class Pool:
         self.layout = tuple(w.layout)
         self.workers[w.worker_id] = w
         return None
+
+    def seen(self, worker_id: str, now: float) -> None:
+        """A message came from the worker: it is alive at `now`."""
+        self.workers[worker_id].last_seen = now
+
+    def beat(
+        self,
+        worker_id: str,
+        *,
+        draining: bool,
+        running: int,
+        waiting: int,
+        kv_usage: float,
+        num_free_blocks: int,
+    ) -> None:
+        """The worker's heartbeat: its load, free KV, and whether it is draining."""
+        w = self.workers[worker_id]
+        w.state = "draining" if draining else "ready"
+        w.running, w.waiting = running, waiting
+        w.kv_usage, w.num_free_blocks = kv_usage, num_free_blocks
+
+    def assign(self, request_id: str, worker_ids: list[str]) -> None:
+        """The request was placed on these workers."""
+        for wid in worker_ids:
+            self.workers[wid].assigned.add(request_id)
+            self.workers[wid].served += 1
+
+    def release(self, request_id: str, worker_id: str) -> None:
+        """The request no longer depends on the worker."""
+        w = self.workers.get(worker_id)
+        if w is not None:
+            w.assigned.discard(request_id)
+
+    def lose(self, worker_id: str) -> list[str]:
+        """Mark the worker dead; returns the requests assigned to it, which it holds no more."""
+        w = self.workers[worker_id]
+        w.state = "dead"
+        lost = list(w.assigned)
+        w.assigned.clear()
+        return lost
+
+    def remove(self, worker_id: str) -> None:
+        """The worker left the pool."""
+        del self.workers[worker_id]
 
     @property
     def cpu_linear(self) -> str:

@@ -18,6 +18,24 @@ class WorkerLost:
 
 
 @dataclass
+class Attempt:
+    """The workers one attempt of a request still depends on. `prefill` is the worker sent the
+    request; `decode` the one its KV is handed to, or None when `prefill` runs it all. Once the
+    KV has arrived, `prefill` is None: the request no longer depends on it."""
+
+    prefill: str | None = None
+    decode: str | None = None
+
+    @property
+    def involved(self) -> list[str]:
+        return [w for w in (self.prefill, self.decode) if w is not None]
+
+    def hands_off_from(self, worker_id: str) -> bool:
+        """Whether `worker_id` is this attempt's prefill worker, its KV not handed over yet."""
+        return self.decode is not None and self.prefill == worker_id
+
+
+@dataclass
 class Stream:
     """A request in flight. Each attempt has its own id on the wire (`wire_id`), so late
     messages of an abandoned attempt are told apart and dropped."""
@@ -30,13 +48,14 @@ class Stream:
     # TokenOutput and RequestFailed of its attempts, WorkerLost: in the order they came
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     wire_id: str = ""
-    workers: list[str] = field(default_factory=list)  # the attempt's workers still involved
+    attempt: Attempt = field(default_factory=Attempt)  # the current one; empty between them
     generated: list[int] = field(default_factory=list)  # every token streamed to the client
-    attempts: int = 0
+    num_attempts: int = 0
 
     def next_wire_id(self) -> str:
-        self.attempts += 1
-        return self.request_id if self.attempts == 1 else f"{self.request_id}@{self.attempts}"
+        self.num_attempts += 1
+        n = self.num_attempts
+        return self.request_id if n == 1 else f"{self.request_id}@{n}"
 
     def blocks_needed(self, block_size: int) -> int:
         """KV blocks for the prompt and every token it may generate (max_tokens is settled)."""

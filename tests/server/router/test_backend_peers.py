@@ -19,7 +19,7 @@ from baton.server.router.backend import RouterConfig, ZmqBackend
 from baton.server.wire import codec
 from baton.server.wire import messages as m
 
-LOGGER = "baton.server.router.backend"
+LOGGER = "baton.server.router.control"
 LAYOUT = m.KVLayout(num_layers=2, block_size=16, num_kv_heads=2, head_dim=16, dtype="float32")
 GREEDY = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 # A Register as a version-4 worker sent it (before Register.version was dropped).
@@ -176,7 +176,9 @@ def test_a_failure_the_worker_may_retry_is_resumed_on_another_worker():
         for p in peers.values():
             await p.register()
         it = await backend.generate("r", [5, 6, 7], GREEDY)
-        (first,) = backend.streams["r"].workers
+        attempt = backend.streams["r"].attempt
+        first = attempt.prefill
+        assert attempt.involved == [first]
         ran, other = peers[first], peers[next(w for w in peers if w != first)]
         gen = await ran.recv_msg()
         assert isinstance(gen, m.Generate) and gen.request_id == "r"
