@@ -17,6 +17,7 @@ from baton.scheduler.sequence import Sequence
 from baton.server.config import EngineConfig, resolve_max_model_len
 from baton.server.detokenizer import IncrementalDetokenizer
 from baton.server.dtypes import TORCH_DTYPES
+from baton.server.handoffs import Handoffs
 from baton.server.kv_cache import (
     activation_bytes,
     block_bytes,
@@ -26,7 +27,9 @@ from baton.server.kv_cache import (
 )
 from baton.server.loader import load_model
 from baton.server.model_runner import ModelRunner
-from baton.server.outputs import CompletionOutput, RequestOutput
+from baton.server.outputs import CacheStats, CompletionOutput, RequestOutput
+from baton.server.wire.kv_blocks import layout_of
+from baton.server.wire.messages import KVLayout
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +47,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return TORCH_DTYPES[dtype]
-
-
-@dataclass(frozen=True)
-class Handoff:
-    """A prompt computed here whose KV (in `block_ids`) goes to a decode worker."""
-
-    request_id: str
-    block_ids: list[int]
-    num_prompt_tokens: int
-    first_token: int
-    first_logprobs: tuple | None
-    num_cached_tokens: int
 
 
 @dataclass
@@ -149,8 +140,7 @@ class LLMEngine:
         self.eos_token_id = loaded.eos_token_id
         self._requests: dict[str, _RequestState] = {}
         self._seq_owner: dict[str, tuple[_RequestState, int]] = {}
-        self._handoff_seqs: dict[str, Sequence] = {}  # detached, KV not yet acknowledged
-        self._new_handoffs: list[Handoff] = []
+        self.handoffs = Handoffs(self.batcher)
         logger.info(
             "engine ready: %s on %s/%s, %d KV blocks of %d tokens (%.1f MiB), backend %s",
             self.model_name,
@@ -202,13 +192,13 @@ class LLMEngine:
         prior_output_ids: list[int] | None = None,
     ) -> None:
         """Queue a request. With `handoff`, it stops after its first token and keeps its prompt's
-        KV blocks for `take_handoffs` (the prefill role of a disaggregated server).
+        KV blocks for `handoffs` (the prefill role of a disaggregated server).
 
         `prior_output_ids` resumes a request another worker was generating: those tokens count as
         already generated (max_tokens, min_tokens, penalties, the seed's draws), their KV is
         recomputed with the prompt's, and only the tokens after them are returned.
         """
-        if request_id in self._requests or request_id in self._handoff_seqs:
+        if request_id in self._requests or request_id in self.handoffs:
             raise ValueError(f"request_id: {request_id!r} is already running")
         token_ids = self.tokenize(prompt)
         if not token_ids:
@@ -252,6 +242,8 @@ class LLMEngine:
         self._requests[request_id] = req
         for i, seq in enumerate(seqs):
             self._seq_owner[seq.seq_id] = (req, i)
+        if handoff:
+            self.handoffs.expect(request_id)
 
     def _check_prior(self, prior: list[int], params: SamplingParams, handoff: bool) -> list[int]:
         if not prior:
@@ -276,8 +268,9 @@ class LLMEngine:
         return params
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        if self.release_handoff(request_id) or self.batcher.cancel_reservation(request_id):
-            return None
+        h = self.handoffs.pop(request_id)
+        if h is not None and request_id not in self._requests:
+            return None  # its blocks (detached or reserved) are freed
         req = self._requests.pop(request_id, None)
         if req is None:
             return None
@@ -290,7 +283,7 @@ class LLMEngine:
 
     def abort_all(self) -> list[str]:
         """Abort every request, handed-off prompt and reservation; returns their ids."""
-        ids = [*self._requests, *self._handoff_seqs, *self.batcher.reserved]
+        ids = list(dict.fromkeys([*self._requests, *self.handoffs.ids()]))
         for rid in ids:
             self.abort_request(rid)
         return ids
@@ -382,57 +375,58 @@ class LLMEngine:
             queue_time=req.queue_time,
         )
 
-    # ---- introspection --------------------------------------------------------------------
+    # ---- what a worker reads ---------------------------------------------------------------
 
     @property
     def kv_usage(self) -> float:
         return self.batcher.block_manager.usage
 
-    # ---- disaggregation -------------------------------------------------------------------
+    @property
+    def kv_cache(self) -> torch.Tensor:
+        """The paged KV cache, whose blocks a handoff ships and writes."""
+        return self.runner.kv_cache
 
-    def _detach(self, req: _RequestState) -> None:
-        seq = self.batcher.detach(req.seqs[0].seq_id)
-        self._release(seq.seq_id)
-        self._handoff_seqs[req.request_id] = seq
-        out = req.outputs[0]
-        self._new_handoffs.append(
-            Handoff(
-                request_id=req.request_id,
-                block_ids=list(seq.block_table),
-                num_prompt_tokens=seq.num_prompt_tokens,
-                first_token=seq.output_token_ids[0],
-                first_logprobs=out.logprobs[0] if out.logprobs else None,
-                num_cached_tokens=seq.num_cached_tokens,
-            )
+    @property
+    def kv_layout(self) -> KVLayout:
+        return layout_of(self.runner.kv_cache)
+
+    @property
+    def cpu_linear(self):
+        return self.runner.cpu_linear
+
+    @property
+    def cache_stats(self) -> CacheStats:
+        b, bm = self.batcher, self.batcher.block_manager
+        return CacheStats(
+            num_running=b.num_running,
+            num_waiting=b.num_waiting,
+            usage=float(bm.usage),
+            num_free_blocks=bm.num_free_blocks,
+            prefix_queries=bm.prefix_queries,
+            prefix_hits=bm.prefix_hits,
         )
 
-    def take_handoffs(self) -> list[Handoff]:
-        """Requests whose prompt finished in the last steps: ship `block_ids`, then release."""
-        done, self._new_handoffs = self._new_handoffs, []
-        return done
+    # ---- disaggregation (the state lives in `handoffs`) ---------------------------------------
+
+    def _detach(self, req: _RequestState) -> None:
+        out = req.outputs[0]
+        self.handoffs.prompt_done(req.seqs[0], out.logprobs[0] if out.logprobs else None)
+        self._release(req.seqs[0].seq_id)
 
     def prefill_progress(self, request_id: str) -> tuple[list[int], int] | None:
-        """(block table, number of leading blocks whose KV is complete) of a request still in
-        prefill with handoff, so its KV can be shipped before the prompt is done."""
-        req = self._requests.get(request_id)
-        if req is None or not req.handoff:
-            return None
-        seq = req.seqs[0]
-        done = min(seq.num_computed_tokens, seq.num_prompt_tokens) // self.cache_config.block_size
-        return list(seq.block_table), done
-
-    def release_handoff(self, request_id: str) -> bool:
-        """Free a handed-off prompt's blocks (the receiver acknowledged, or gave up)."""
-        if self._handoff_seqs.pop(request_id, None) is None:
-            return False
-        return self.batcher.release_detached(request_id)
+        """(block table, number of leading blocks whose KV is complete) of an outgoing prompt."""
+        return self.handoffs.progress(request_id, self.cache_config.block_size)
 
     def reserve_prefilled(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        peer: bytes = b"",
     ) -> list[int] | None:
-        """Allocate blocks for a prompt whose KV comes from a prefill worker. Returns the block
-        ids to write, or None when they are not free now; ValueError if it could never fit."""
-        if request_id in self._requests or request_id in self.batcher.reserved:
+        """Allocate blocks for a prompt whose KV comes from a prefill worker (`peer`). Returns the
+        block ids to write, or None when they are not free now; ValueError if it could never fit."""
+        if request_id in self._requests or request_id in self.handoffs:
             raise ValueError(f"request_id: {request_id!r} is already running")
         if params.n != 1:
             raise ValueError("n: a handed-off request must have n == 1")
@@ -441,16 +435,14 @@ class LLMEngine:
             raise ValueError("prompt: must not be empty")
         params = self._bound_params(params, len(ids))
         seq = Sequence(request_id, ids, params, eos_token_id=self.eos_token_id)
-        if not self.batcher.reserve(seq):
-            return None
-        return list(seq.block_table)
+        return self.handoffs.reserve(seq, peer)
 
     def commit_prefilled(
         self, request_id: str, first_token: int, first_logprobs: tuple | list | None = None
     ) -> RequestOutput | None:
         """The reserved prompt's KV is in place: decode from its first token on. Returns an
         output only if the first token already ends the request."""
-        seq = self.batcher.commit(request_id, first_token)
+        seq = self.handoffs.commit(request_id, first_token)
         req = _RequestState(
             request_id, None, list(seq.prompt_token_ids), [seq], [None], queue_time=0.0
         )

@@ -45,3 +45,15 @@ class RequestOutput:
     @property
     def num_generated_tokens(self) -> int:
         return sum(len(o.token_ids) for o in self.outputs)
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """The batch and KV cache at a glance (a worker's heartbeat)."""
+
+    num_running: int
+    num_waiting: int
+    usage: float
+    num_free_blocks: int
+    prefix_queries: int
+    prefix_hits: int

@@ -25,11 +25,10 @@ from baton.server.host_cpu import format_cpu_list, usable_cpus
 from baton.server.outputs import RequestOutput
 from baton.server.wire import codec, curve
 from baton.server.wire import messages as m
-from baton.server.wire.kv_blocks import layout_of
+from baton.server.wire.logprobs import logprob_to_wire
 from baton.server.worker.config import WorkerConfig
-from baton.server.worker.handoff import Incoming, Outgoing
 from baton.server.worker.health import HealthServer
-from baton.server.worker.kv_plane import KVPlane, _logprob_to_wire
+from baton.server.worker.kv_link import KVReceiver, KVSender
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ class RegistrationError(RuntimeError):
     """The router refused this worker, or never answered its registration."""
 
 
-class Worker(KVPlane):
+class Worker:
     def __init__(self, config: WorkerConfig, engine: LLMEngine | None = None) -> None:
         self.config = config
         self.id = config.worker_id
@@ -52,21 +51,35 @@ class Worker(KVPlane):
         self.ctrl = self._client(config.router, self.id.encode())
         self.poller = zmq.Poller()
         self.poller.register(self.ctrl, zmq.POLLIN)
-        self.kv: zmq.Socket | None = None
+        self.sender = KVSender(
+            self.engine,
+            self._client,
+            self.poller,
+            self._send_ctrl,
+            self._fail,
+            self.id,
+            config.kv_timeout_s,
+        )
+        self.receiver: KVReceiver | None = None
         self.kv_endpoint = ""
         if config.role in ("decode", "both"):
             self.auth = curve.start_authenticator(self.ctx, config.curve)
-            self.kv = self.ctx.socket(zmq.ROUTER)
-            self.kv.setsockopt(zmq.LINGER, 0)
-            curve.secure_server(self.kv, config.curve)
-            port = config.kv_port or self.kv.bind_to_random_port(f"tcp://{config.kv_host}")
+            kv = self.ctx.socket(zmq.ROUTER)
+            kv.setsockopt(zmq.LINGER, 0)
+            curve.secure_server(kv, config.curve)
+            port = config.kv_port or kv.bind_to_random_port(f"tcp://{config.kv_host}")
             if config.kv_port:
-                self.kv.bind(f"tcp://{config.kv_host}:{port}")
+                kv.bind(f"tcp://{config.kv_host}:{port}")
             self.kv_endpoint = f"tcp://{config.kv_host}:{port}"
-            self.poller.register(self.kv, zmq.POLLIN)
-        self.peers: dict[str, zmq.Socket] = {}  # decode endpoint -> DEALER (prefill side)
-        self.outgoing: dict[str, Outgoing] = {}
-        self.incoming: dict[str, Incoming] = {}
+            self.poller.register(kv, zmq.POLLIN)
+            self.receiver = KVReceiver(
+                self.engine,
+                kv,
+                self._send_ctrl,
+                lambda: self.draining,
+                self.id,
+                config.kv_timeout_s,
+            )
         self.running = True
         self.registered = False
         self.last_tick = time.monotonic()  # the loop's last turn (the liveness probe)
@@ -109,7 +122,7 @@ class Worker(KVPlane):
             pid=os.getpid(),
             host=self.config.kv_host,
             model=eng.model_name,
-            layout=layout_of(eng.runner.kv_cache),
+            layout=eng.kv_layout,
             kv_endpoint=self.kv_endpoint,
             max_model_len=eng.max_model_len,
             num_blocks=eng.cache_config.num_blocks,
@@ -157,7 +170,7 @@ class Worker(KVPlane):
             threads=torch.get_num_threads(),
             wait_policy=plan.wait_policy if plan is not None else "torch's default",
             cpus=format_cpu_list(plan.cpus if plan is not None else usable_cpus()),
-            linear=self.engine.runner.cpu_linear,
+            linear=self.engine.cpu_linear,
         )
 
     def run(self) -> None:
@@ -184,16 +197,19 @@ class Worker(KVPlane):
             self.close()
 
     def _idle(self) -> bool:
-        return not (self.engine.has_unfinished_requests() or self.outgoing or self.incoming)
+        return not (self.engine.has_unfinished_requests() or self.engine.handoffs)
 
     def _give_back_all(self, reason: str) -> None:
         """Drop every request here; the router resumes each elsewhere."""
-        for rid in self.engine.abort_all():
+        for rid in self._abort_all():
             self._fail(rid, reason, retry=True)
-        for rid in list(self.outgoing):
-            self._abort(rid)
-        for rid in list(self.incoming):
-            self._abort(rid)
+
+    def _abort_all(self) -> list[str]:
+        """Abort every request, its KV peers told; returns their ids."""
+        ids = self.engine.handoffs.ids()
+        for rid in ids:
+            self._abort_links(rid, "aborted")
+        return list(dict.fromkeys([*ids, *self.engine.abort_all()]))
 
     def _beat_loop(self) -> None:
         """Heartbeats from their own thread and socket, so one long engine step (a big prefill
@@ -210,9 +226,10 @@ class Worker(KVPlane):
 
     def close(self) -> None:
         self.ctrl.setsockopt(zmq.LINGER, 1000)  # let a Deregister leave
-        for sock in [self.ctrl, self.kv, *self.peers.values()]:
-            if sock is not None:
-                sock.close(0)
+        self.ctrl.close(0)
+        if self.receiver is not None:
+            self.receiver.sock.close(0)
+        self.sender.close()
         if self.auth is not None:
             self.auth.stop()
         if self.health is not None:
@@ -224,32 +241,28 @@ class Worker(KVPlane):
         busy = self.engine.has_unfinished_requests()
         events = dict(self.poller.poll(0 if busy else IDLE_POLL_MS))
         if self.ctrl in events:
-            self._drain(self.ctrl, self._on_control)
-        if self.kv is not None and self.kv in events:
-            self._drain(self.kv, self._on_kv_frames)
-        for sock in self.peers.values():
+            self._read_all(self.ctrl, self._on_control)
+        if self.receiver is not None and self.receiver.sock in events:
+            self._read_all(self.receiver.sock, self.receiver.on_frames)
+        for sock in list(self.sender.peers.values()):
             if sock in events:
-                self._drain(sock, self._on_peer)
+                self._read_all(sock, self.sender.on_frames)
         if self.engine.has_unfinished_requests():
-            outs = self.engine.step()
-            self._publish(outs)
-            for h in self.engine.take_handoffs():
-                if h.request_id in self.outgoing:
-                    self.outgoing[h.request_id].handoff = h
-                else:  # its decode side is gone: nothing to ship
-                    self.engine.release_handoff(h.request_id)
-        self._pump()
+            self._publish(self.engine.step())
+        self.sender.ship_ready_blocks()
         now = time.monotonic()
         if now - self._last_timeout_check >= min(1.0, self.config.kv_timeout_s / 4):
             self._last_timeout_check = now
-            self._expire_handoffs(now)
+            self.sender.expire(now)
+            if self.receiver is not None:
+                self.receiver.expire(now)
         if now - self._last_parent_check >= self.config.heartbeat_s:
             self._last_parent_check = now
             if self.config.parent_pid and os.getppid() != self.config.parent_pid:
                 logger.error("the process that started this worker is gone; stopping")
                 self.running = False
 
-    def _drain(self, sock: zmq.Socket, handler) -> None:
+    def _read_all(self, sock: zmq.Socket, handler) -> None:
         while True:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -283,10 +296,8 @@ class Worker(KVPlane):
         elif isinstance(msg, m.Reconnect):
             # The router restarted (or gave up on us): what we ran for it has no client left.
             logger.warning("router asks this worker to register again: %s", msg.reason)
-            for rid in self.engine.abort_all():
+            for rid in self._abort_all():
                 logger.info("dropped request %s of the router's earlier session", rid)
-            for rid in list(self.outgoing) + list(self.incoming):
-                self._abort(rid)
             self.register()
             if self.draining:
                 self._beat_now.set()
@@ -314,28 +325,16 @@ class Worker(KVPlane):
             self._fail(msg.request_id, str(e))
             return
         if handoff:
-            out = Outgoing(msg.request_id, msg.decode_endpoint, last_activity=time.monotonic())
-            self.outgoing[msg.request_id] = out
-            self._send_peer(
-                out.endpoint,
-                m.KVOpen(
-                    request_id=msg.request_id,
-                    prefill_worker_id=self.id,
-                    prompt_token_ids=list(msg.prompt_token_ids),
-                    params=msg.params,
-                    layout=layout_of(self.engine.runner.kv_cache),
-                ),
-            )
+            self.sender.open(msg.request_id, msg.decode_endpoint, msg.prompt_token_ids, msg.params)
 
     def _abort(self, request_id: str) -> None:
+        self._abort_links(request_id, "aborted")
         self.engine.abort_request(request_id)
-        out = self.outgoing.pop(request_id, None)
-        if out is not None:
-            self._send_peer(out.endpoint, m.KVAbort(request_id=request_id, reason="aborted"))
-            self.engine.release_handoff(request_id)
-        inc = self.incoming.pop(request_id, None)
-        if inc is not None and self.kv is not None:
-            self._send_kv(inc.peer, m.KVAbort(request_id=request_id, reason="aborted"))
+
+    def _abort_links(self, request_id: str, reason: str) -> None:
+        """End a request's handoff, if it has one, telling the worker at the other end."""
+        if not self.sender.abort(request_id, reason) and self.receiver is not None:
+            self.receiver.abort(request_id, reason)
 
     def _publish(self, outs: list[RequestOutput]) -> None:
         for out in outs:
@@ -343,7 +342,7 @@ class Worker(KVPlane):
             n = len(c.token_ids_delta)
             lps = None
             if c.logprobs:
-                lps = [_logprob_to_wire(e) for e in c.logprobs[len(c.logprobs) - n :]]
+                lps = [logprob_to_wire(e) for e in c.logprobs[len(c.logprobs) - n :]]
             stop = c.stop_reason if isinstance(c.stop_reason, int) else None
             # the first output of a request this worker ran (not one it took over mid-way)
             first = len(c.token_ids) == n
@@ -359,24 +358,20 @@ class Worker(KVPlane):
                     queue_time_s=out.queue_time if first else None,
                 )
             )
-            if out.finished and out.request_id in self.outgoing:
-                ended = self.outgoing.pop(out.request_id)  # the first token ended it
-                self._send_peer(
-                    ended.endpoint, m.KVAbort(request_id=out.request_id, reason="finished")
-                )
+            if out.finished:  # a handoff whose first token ended it: nothing to ship
+                self.sender.abort(out.request_id, "finished")
 
     def _heartbeat(self) -> m.Heartbeat:
         # NOTE: read from the heartbeat thread while the loop runs: plain counters, a snapshot
         # that may be a step old, which is all a load estimate needs.
-        b = self.engine.batcher
-        bm = b.block_manager
+        s, h = self.engine.cache_stats, self.engine.handoffs
         return m.Heartbeat(
             worker_id=self.id,
-            running=b.num_running + len(self.outgoing),
-            waiting=b.num_waiting + len(self.incoming),
-            kv_usage=float(bm.usage),
-            num_free_blocks=bm.num_free_blocks,
-            prefix_queries=bm.prefix_queries,
-            prefix_hits=bm.prefix_hits,
+            running=s.num_running + h.num_outgoing,
+            waiting=s.num_waiting + h.num_incoming,
+            kv_usage=s.usage,
+            num_free_blocks=s.num_free_blocks,
+            prefix_queries=s.prefix_queries,
+            prefix_hits=s.prefix_hits,
             draining=self.draining,
         )

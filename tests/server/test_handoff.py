@@ -35,8 +35,8 @@ def hand_over(p, d, rid, prompt, params, chunk=None):
     dst = d.reserve_prefilled(rid, prompt, params)
     assert dst is not None
     shipped = 0
-    handoffs = []
-    while not handoffs:
+    h = None
+    while h is None:
         outs = p.step()
         progress = p.prefill_progress(rid)
         if progress is not None:  # ship complete blocks early, as the worker does
@@ -44,14 +44,13 @@ def hand_over(p, d, rid, prompt, params, chunk=None):
             for b in range(shipped, ready):
                 d.runner.kv_cache[dst[b]] = p.runner.kv_cache[src[b]]
             shipped = ready
-        handoffs = p.take_handoffs()
-    (h,) = handoffs
+        h = p.handoffs.outgoing(rid).handoff
     assert outs[0].outputs[0].token_ids == [h.first_token] and not outs[0].finished
     assert len(h.block_ids) == len(dst)
     for b in range(shipped, len(dst)):
         d.runner.kv_cache[dst[b]] = p.runner.kv_cache[h.block_ids[b]]
     assert p.batcher.block_manager.num_used_blocks > 0  # held until the receiver acks
-    assert p.release_handoff(rid)
+    assert p.handoffs.pop(rid)
     assert p.batcher.block_manager.num_used_blocks == 0
     assert d.commit_prefilled(rid, h.first_token, h.first_logprobs) is None
     tokens = [h.first_token]
@@ -88,7 +87,7 @@ def test_first_token_that_ends_the_request_is_not_handed_off(tiny_config_dir):
     p.add_request("a", PROMPTS[1], SamplingParams(max_tokens=1, temperature=0), handoff=True)
     outs = p.step()
     assert outs[0].finished and outs[0].outputs[0].finish_reason == "length"
-    assert p.take_handoffs() == []
+    assert p.handoffs.outgoing("a").handoff is None
     assert p.batcher.block_manager.num_used_blocks == 0
 
 
@@ -100,7 +99,7 @@ def test_abort_releases_reservations_and_handoffs(tiny_config_dir):
     assert d.batcher.block_manager.num_used_blocks == 0
     p.add_request("a", PROMPTS[3], GREEDY, handoff=True)
     p.step()
-    assert [h.request_id for h in p.take_handoffs()] == ["a"]
+    assert p.handoffs.outgoing("a").handoff.request_id == "a"
     p.abort_request("a")
     assert p.batcher.block_manager.num_used_blocks == 0
     assert not p.has_unfinished_requests()

@@ -119,9 +119,7 @@ def test_tokens_through_the_router_equal_the_offline_engine(tiny_config_dir, mod
             # Everything freed on every worker once the streams are done.
             await wait_for(
                 lambda: all(
-                    w.engine.batcher.block_manager.num_used_blocks == 0
-                    and not w.outgoing
-                    and not w.incoming
+                    w.engine.batcher.block_manager.num_used_blocks == 0 and not w.engine.handoffs
                     for w, _ in workers
                 )
             )
@@ -183,12 +181,13 @@ def test_worker_reports_feed_queue_time_and_kv_transfer_metrics():
                 queue_time_s=0.3,
             )
             failed = m.RequestFailed(request_id="a", worker_id="p", error="x", retry=True)
-            await backend._dispatch("p", report("a", 4096, 0.02, True))
-            await backend._dispatch("p", report("b", 1024, 0.5, False))
-            await backend._dispatch("p", tok)
-            await backend._dispatch("p", dataclasses.replace(tok, token_ids=[4], queue_time_s=None))
-            await backend._dispatch("p", failed)
-            await backend._dispatch("stranger", report("c", 1, 0.1, True))  # dropped
+            dispatch = backend.control._dispatch
+            await dispatch("p", report("a", 4096, 0.02, True))
+            await dispatch("p", report("b", 1024, 0.5, False))
+            await dispatch("p", tok)
+            await dispatch("p", dataclasses.replace(tok, token_ids=[4], queue_time_s=None))
+            await dispatch("p", failed)
+            await dispatch("stranger", report("c", 1, 0.1, True))  # dropped
         finally:
             await backend.stop()
         sample = metrics.registry.get_sample_value

@@ -96,7 +96,7 @@ def test_a_completed_handoff_reports_its_bytes(tiny_config_dir, sockets):
         report = msgs[-1]
         assert report.ok and report.nbytes == nbytes == 3 * w.engine.runner.kv_cache[0].nbytes
         assert 0 <= report.seconds < 20
-        assert w.engine.batcher.block_manager.num_used_blocks == 0 and not w.outgoing
+        assert w.engine.batcher.block_manager.num_used_blocks == 0 and not w.engine.handoffs
     finally:
         w.close()
 
@@ -125,7 +125,7 @@ def test_a_failed_handoff_is_reported_and_fails_the_request(tiny_config_dir, soc
         failed = msgs[-1]
         assert failed.request_id == "r1" and failed.worker_id == w.id
         assert failed.error and failed.retry  # the handoff's fault: the router may run it elsewhere
-        assert w.engine.batcher.block_manager.num_used_blocks == 0 and not w.outgoing
+        assert w.engine.batcher.block_manager.num_used_blocks == 0 and not w.engine.handoffs
         assert not w.engine.has_unfinished_requests()
     finally:
         w.close()
