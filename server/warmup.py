@@ -19,6 +19,7 @@ from baton.kernels.extend_config import query_buckets
 from baton.kernels.launch import arch_of
 from baton.kernels.utils import interpreting
 from baton.server.attention.base import AttentionBackend, AttentionMetadata, ForwardContext
+from baton.server.attention.metadata import build_attention_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -44,24 +45,15 @@ def compiled_binaries() -> int:
 
 
 def _meta(query_lens, seq_len, block_size, device, num_splits=None) -> AttentionMetadata:
-    n = len(query_lens)
+    """A step of fresh sequences (each as long as its query) over block 0, writing no KV."""
     width = -(-seq_len // block_size)
-    starts = [0]
-    for q in query_lens:
-        starts.append(starts[-1] + q)
-    return AttentionMetadata(
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor([max(q, 1) for q in query_lens], dtype=torch.int32, device=device),
-        block_tables=torch.zeros(n, width, dtype=torch.int32, device=device),
-        # NOTE: slot -1 writes nowhere: warming up leaves the cache as it was.
-        slot_mapping=torch.full((starts[-1],), -1, dtype=torch.int64, device=device),
-        query_lens_cpu=list(query_lens),
-        seq_lens_cpu=[max(q, 1) for q in query_lens],
-        num_decodes=sum(q == 1 for q in query_lens),
-        max_seq_len=seq_len,
-        block_size=block_size,
-        extras={} if num_splits is None else {"num_splits": num_splits},
+    meta = build_attention_metadata(
+        query_lens, list(query_lens), [[0] * width] * len(query_lens), block_size, device
     )
+    meta.slot_mapping.fill_(-1)  # NOTE: slot -1 writes nowhere: the cache stays as it was
+    if num_splits is not None:
+        meta.extras["num_splits"] = num_splits
+    return meta
 
 
 @torch.inference_mode()
