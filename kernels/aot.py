@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from baton.kernels.launch import Launch, shared_memory_limit
+from baton.kernels.launch import Launch, arg_names, shared_memory_limit, unspecialized
 
 # A spill under this many bytes per thread is a few registers moved to L1 around a loop;
 # beyond it the kernel is memory-bound on its own locals.
@@ -61,12 +61,10 @@ class Compiled:
 def _attrs(launch: Launch) -> dict:
     """Divisibility hints as the launcher would give them: 16-byte aligned pointers (every
     allocation is) and integers divisible by 16, except the kernel's unspecialized parameters."""
-    from baton.kernels.launch import _arg_names, _unspecialized
-
-    names = _arg_names(launch.kernel)
-    skip = _unspecialized(launch.kernel)
+    names = arg_names(launch.kernel)
+    skip = unspecialized(launch.kernel)
     attrs = {}
-    for arg, name in launch._named_args():
+    for arg, name in launch.named_args():
         if name in skip or isinstance(arg, (bool, float)):
             continue
         aligned = (
@@ -85,10 +83,8 @@ def compile_launch(launch: Launch, arch: tuple[int, int]) -> Compiled:
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("compile checks need TRITON_INTERPRET unset (kernels are interpreted)")
-    from baton.kernels.launch import _arg_names
-
     types = launch.signature()
-    signature = {n: types.get(n, "constexpr") for n in _arg_names(launch.kernel)}
+    signature = {n: types.get(n, "constexpr") for n in arg_names(launch.kernel)}
     src = ASTSource(
         launch.kernel, signature, constexprs=dict(launch.constexprs), attrs=_attrs(launch)
     )

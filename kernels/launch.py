@@ -61,11 +61,11 @@ class Launch:
             tuple(sorted(self.constexprs.items())),
             self.num_warps,
             self.num_stages,
-            tuple(spec_key(a, n in _unspecialized(self.kernel)) for a, n in self._named_args()),
+            tuple(spec_key(a, n in unspecialized(self.kernel)) for a, n in self.named_args()),
         )
 
-    def _named_args(self) -> list[tuple[Any, str]]:
-        names = [n for n in _arg_names(self.kernel) if n not in self.constexprs]
+    def named_args(self) -> list[tuple[Any, str]]:
+        names = [n for n in arg_names(self.kernel) if n not in self.constexprs]
         if len(names) != len(self.args):
             raise ValueError(
                 f"{self.name}: {len(self.args)} arguments for parameters {', '.join(names)}"
@@ -74,7 +74,7 @@ class Launch:
 
     def signature(self) -> dict[str, str]:
         """Triton type strings of the non-constexpr arguments (`*bf16`, `i32`, `fp32`, ...)."""
-        return {n: type_string(a) for a, n in self._named_args()}
+        return {n: type_string(a) for a, n in self.named_args()}
 
     def run(self) -> None:
         if 0 in self.grid:
@@ -121,13 +121,13 @@ def spec_key(arg: Any, unspecialized: bool) -> tuple:
     return (t, arg % 16 == 0, arg == 1)
 
 
-def _arg_names(kernel: Any) -> list[str]:
+def arg_names(kernel: Any) -> list[str]:
     return list(kernel.arg_names)
 
 
-def _unspecialized(kernel: Any) -> set[str]:
+def unspecialized(kernel: Any) -> set[str]:
     # NOTE: an interpreted kernel keeps its decorator's options in `kwargs`.
     options = getattr(kernel, "kwargs", None) or {}
     listed = getattr(kernel, "do_not_specialize", None) or options.get("do_not_specialize") or ()
-    names = _arg_names(kernel)
+    names = arg_names(kernel)
     return {names[i] if isinstance(i, int) else i for i in listed}
