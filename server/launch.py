@@ -73,8 +73,8 @@ def _engine_config(args, num_on_device: int = 1):
 
 
 def _serve_config(args, control: str):
-    from baton.server.router.backend import RouterConfig
-    from baton.server.router.server import ServeConfig
+    from baton.server.router.cluster import RouterConfig
+    from baton.server.router.main import ServeConfig
 
     return ServeConfig(
         model=args.model,
@@ -143,13 +143,13 @@ def run_worker(args) -> int:
 
 
 def run_router(args) -> int:
-    from baton.server.router.server import build_backend, serve_router
+    from baton.server.router.main import build_cluster, run_router
 
     cfg = _serve_config(args, args.control)
-    backend = build_backend(cfg)
-    print(f"router: workers connect to {backend.endpoint}", flush=True)
+    cluster = build_cluster(cfg)
+    print(f"router: workers connect to {cluster.endpoint}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_router(cfg, backend, ready=lambda _s: _announce(cfg)))
+        asyncio.run(run_router(cfg, cluster, ready=lambda _s: _announce(cfg)))
     return 0
 
 
@@ -169,29 +169,29 @@ def worker_command(
 
 def run_serve(args) -> int:
     """Router in this process, workers as child processes; the URL is printed once ready."""
-    from baton.server.router.server import build_backend, serve_router
+    from baton.server.router.main import build_cluster, run_router
 
     cfg = _serve_config(args, "tcp://127.0.0.1:0")
     # NOTE: uvicorn re-raises the SIGTERM it caught once it has shut down; without a handler of
     # ours that would kill this process before the `finally` below stops the workers.
     signal.signal(signal.SIGTERM, _exit_on_signal)
-    backend = build_backend(cfg)
-    print(f"router: workers connect to {backend.endpoint}", flush=True)
+    cluster = build_cluster(cfg)
+    print(f"router: workers connect to {cluster.endpoint}", flush=True)
     if args.mode == "colocated":
         roles = ["both"] * args.workers
     else:
         roles = ["prefill"] * args.prefill_workers + ["decode"] * args.decode_workers
     cpus = _worker_cpus(args, roles)
     procs = [
-        subprocess.Popen(worker_command(args, r, backend.endpoint, i, len(roles), cpus[i]))
+        subprocess.Popen(worker_command(args, r, cluster.endpoint, i, len(roles), cpus[i]))
         for i, r in enumerate(roles)
     ]
 
     async def main() -> int:
         ready = asyncio.Event()
-        serving = asyncio.create_task(serve_router(cfg, backend, ready=lambda _s: ready.set()))
+        serving = asyncio.create_task(run_router(cfg, cluster, ready=lambda _s: ready.set()))
         await ready.wait()
-        while not backend.health()[0]:
+        while not cluster.health()[0]:
             dead = [p for p in procs if p.poll() is not None]
             if dead or serving.done():
                 logger.error("a worker exited before the server was ready")

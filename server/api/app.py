@@ -1,4 +1,4 @@
-"""The router's OpenAI-compatible HTTP app: routes only; the work is in `serving`."""
+"""The router's OpenAI-compatible HTTP app: routes only; the work is in `handlers`."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import baton
 from baton.server.api import protocol as p
-from baton.server.api.backend import Backend
 from baton.server.api.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
+from baton.server.api.cluster import Cluster
 from baton.server.api.errors import APIError, error_response, install_error_handlers
+from baton.server.api.handlers import Handlers
 from baton.server.api.metrics import Metrics
-from baton.server.api.serving import Serving
 
 # NOTE: declared so the OpenAPI schema tells the truth: errors are OpenAI-shaped 4xx (never
 # FastAPI's 422), and generation answers JSON or, with stream=true, server-sent events.
@@ -84,21 +84,21 @@ class BearerAuth:
 
 
 def build_app(
-    backend: Backend,
+    cluster: Cluster,
     *,
     served_model_name: str,
     api_key: str | None = None,
     metrics: Metrics | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
-    """Routes over `backend`. It needs: model_name, max_model_len, tokenizer, generate, abort,
-    health, workers (see baton.server.api.backend). A request body over `max_body_bytes` is
+    """Routes over `cluster`. It needs: model_name, max_model_len, tokenizer, generate, abort,
+    health, workers (see baton.server.api.cluster). A request body over `max_body_bytes` is
     answered 413 before it is parsed."""
     metrics = metrics if metrics is not None else Metrics()
-    metrics.watch_workers(backend.workers)
-    serving = Serving(backend, served_model_name, metrics)
+    metrics.watch_workers(cluster.workers)
+    handlers = Handlers(cluster, served_model_name, metrics)
     app = FastAPI(title="Baton", version=baton.__version__)
-    app.state.metrics, app.state.serving = metrics, serving
+    app.state.metrics, app.state.handlers = metrics, handlers
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     if api_key:
@@ -107,22 +107,22 @@ def build_app(
 
     @app.post("/v1/completions", responses=_generation(p.CompletionResponse))
     async def completions(req: p.CompletionRequest, request: Request) -> Response:
-        return await serving.completions(req, request)
+        return await handlers.completions(req, request)
 
     @app.post("/v1/chat/completions", responses=_generation(p.ChatCompletionResponse))
     async def chat_completions(req: p.ChatCompletionRequest, request: Request) -> Response:
-        return await serving.chat(req, request)
+        return await handlers.chat(req, request)
 
     @app.get("/v1/models", responses=_ERRORS)
     async def models() -> p.ModelList:
         card = p.ModelCard(
-            id=served_model_name, root=backend.model_name, max_model_len=backend.max_model_len
+            id=served_model_name, root=cluster.model_name, max_model_len=cluster.max_model_len
         )
         return p.ModelList(data=[card])
 
     @app.get("/health", responses={503: {"description": "Not ready", "content": _JSON}})
     async def health() -> JSONResponse:
-        ok, reason = backend.health()
+        ok, reason = cluster.health()
         status = "ok" if ok else "unavailable"
         return JSONResponse({"status": status, "reason": reason}, status_code=200 if ok else 503)
 
@@ -136,6 +136,6 @@ def build_app(
 
     @app.get("/workers")
     async def workers() -> JSONResponse:
-        return JSONResponse(backend.workers())
+        return JSONResponse(cluster.workers())
 
     return app

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from baton.server.api.backend import NoWorkerAvailable, Overloaded, RequestFailed
+from baton.server.api.cluster import NoWorkerAvailable, Overloaded, RequestFailed
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +101,8 @@ def _http_error(exc: HTTPException) -> APIError:
     return APIError(400, f"malformed JSON body: {str(cause)[:MAX_MESSAGE_CHARS]}")
 
 
-def backend_error(exc: Exception) -> APIError | None:
-    """The OpenAI error for what the backend raises (placing or running a request), or None
+def cluster_error(exc: Exception) -> APIError | None:
+    """The OpenAI error for what the cluster raises (placing or running a request), or None
     for anything else."""
     retry = {"Retry-After": str(RETRY_AFTER_S)}
     if isinstance(exc, NoWorkerAvailable):
@@ -131,11 +131,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         return error_response(_http_error(exc))
 
-    async def _backend(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(backend_error(exc))
+    async def _cluster(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(cluster_error(exc))
 
     for exc_type in (NoWorkerAvailable, Overloaded, RequestFailed):
-        app.add_exception_handler(exc_type, _backend)
+        app.add_exception_handler(exc_type, _cluster)
 
     app.add_middleware(CatchAll)
 

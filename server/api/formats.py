@@ -1,4 +1,4 @@
-"""Deltas of a Generation as OpenAI bodies: completions or chat, streamed chunks or one response.
+"""Deltas of a FanOut as OpenAI bodies: completions or chat, streamed chunks or one response.
 
 A formatter lives for one request: completions keep each choice's running text offset.
 """
@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pydantic import BaseModel
 
 from baton.server.api import protocol as p
-from baton.server.api.generation import Delta
+from baton.server.api.fan_out import Delta
 
 MIN_LOGPROB = -9999.0  # NOTE: -inf is not JSON; OpenAI clients expect a finite float
 

@@ -1,8 +1,8 @@
 """Prometheus metrics of one router, in their own registry, named like vLLM's with `baton:`.
 
-The HTTP layer records request latencies and token counts; the backend reports what only it
+The HTTP layer records request latencies and token counts; the cluster reports what only it
 sees (prefix-cache totals from heartbeats, KV transfers, queue time). Per-worker gauges are read
-from `backend.workers()` at scrape time, so a worker that left disappears from the next scrape.
+from `cluster.workers()` at scrape time, so a worker that left disappears from the next scrape.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class Metrics:
         )
         self.queue_time = Histogram(
             "baton:request_queue_time_seconds",
-            "Time requests spent waiting before they ran (reported by the backend).",
+            "Time requests spent waiting before they ran (reported by the cluster).",
             buckets=REQUEST_LATENCY_BUCKETS,
             registry=r,
         )
@@ -152,7 +152,7 @@ class Metrics:
         self._prefix_totals: dict[str, tuple[int, int]] = {}
 
     def watch_workers(self, source: Callable[[], list[dict]]) -> None:
-        """Where the per-worker gauges come from (the backend's `workers`)."""
+        """Where the per-worker gauges come from (the cluster's `workers`)."""
         self._workers.source = source
 
     def render(self) -> bytes:
@@ -179,7 +179,7 @@ class Metrics:
     def observe_error(self, status: int) -> None:
         self.request_errors.labels(status=str(status)).inc()
 
-    # ---- reported by the backend ----------------------------------------------------------
+    # ---- reported by the cluster ----------------------------------------------------------
 
     def observe_worker_lost(self) -> None:
         self.worker_losses.inc()

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from baton.scheduler.placement import Pool, WorkerState
 from baton.scheduler.sampling_params import SamplingParams
-from baton.server.api.backend import NoWorkerAvailable, Overloaded, RequestFailed, TokenEvent
+from baton.server.api.cluster import NoWorkerAvailable, Overloaded, RequestFailed, TokenEvent
 from baton.server.router.config import RouterConfig
 from baton.server.router.stream import Attempt, Stream, WorkerLost
 from baton.server.wire import messages as m

@@ -26,7 +26,7 @@ class Probed(Protocol):
 
     id: str
     registered: bool
-    running: bool
+    alive: bool
     last_tick: float  # time.monotonic() of the loop's last turn
 
     @property
@@ -68,7 +68,7 @@ class HealthServer:
         w = self.worker
         if w.draining:
             state = "draining"
-        elif not w.running:
+        elif not w.alive:
             state = "stopped"
         elif not w.registered:
             state = "not registered"

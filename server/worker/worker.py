@@ -80,7 +80,7 @@ class Worker:
                 self.id,
                 config.kv_timeout_s,
             )
-        self.running = True
+        self.alive = True
         self.registered = False
         self.last_tick = time.monotonic()  # the loop's last turn (the liveness probe)
         self.health: HealthServer | None = None
@@ -180,13 +180,13 @@ class Worker:
         try:
             self.register()
             beats.start()
-            while self.running:
+            while self.alive:
                 self.run_once()
                 if self.draining and (self._idle() or time.monotonic() > self.drain_deadline):
                     self._give_back_all("the worker stopped before finishing it")
-                    self.running = False
+                    self.alive = False
         finally:
-            self.running = False
+            self.alive = False
             self._stop_beats.set()
             if beats.is_alive():
                 beats.join(timeout=5)
@@ -260,7 +260,7 @@ class Worker:
             self._last_parent_check = now
             if self.config.parent_pid and os.getppid() != self.config.parent_pid:
                 logger.error("the process that started this worker is gone; stopping")
-                self.running = False
+                self.alive = False
 
     def _read_all(self, sock: zmq.Socket, handler) -> None:
         while True:
@@ -303,7 +303,7 @@ class Worker:
                 self._beat_now.set()
         elif isinstance(msg, m.RegisterReply) and not msg.accepted:
             logger.error("the router dropped this worker: %s", msg.reason)
-            self.running = False
+            self.alive = False
         else:
             logger.warning("dropped an unexpected %s from the router", type(msg).__name__)
 

@@ -1,4 +1,4 @@
-"""A scripted FakeBackend behind the real app, served by uvicorn on loopback in a thread."""
+"""A scripted FakeCluster behind the real app, served by uvicorn on loopback in a thread."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import uvicorn
 
 from baton.scheduler.sampling_params import SamplingParams
 from baton.server.api.app import build_app
-from baton.server.api.backend import NoWorkerAvailable, TokenEvent
+from baton.server.api.cluster import NoWorkerAvailable, TokenEvent
 from baton.server.api.metrics import Metrics
 from baton.server.wire import codec
 from baton.server.wire import messages as m
@@ -41,7 +41,7 @@ def logprob_entry(i: int, tid: int, k: int) -> list:
 
 @dataclass
 class Script:
-    """What the backend emits for every request: `tokens`, `per_event` at a time."""
+    """What the cluster emits for every request: `tokens`, `per_event` at a time."""
 
     tokens: list[int]
     finish_reason: str = "stop"  # when the tokens run out before max_tokens
@@ -53,7 +53,7 @@ class Script:
 
 
 @dataclass
-class FakeBackend:
+class FakeCluster:
     tokenizer: object
     script: Script
     model_name: str = MODEL
@@ -73,7 +73,7 @@ class FakeBackend:
     )
 
     @classmethod
-    def scripted(cls, tokenizer) -> FakeBackend:
+    def scripted(cls, tokenizer) -> FakeCluster:
         """Answers every request with TEXT and then EOS."""
         tokens = tokenizer.encode(TEXT, add_special_tokens=False) + [tokenizer.eos_token_id]
         return cls(tokenizer, Script(tokens, stop_reason=tokenizer.eos_token_id))
@@ -94,7 +94,7 @@ class FakeBackend:
 
     async def generate(self, request_id, prompt_token_ids, params):
         if self.fail_on_generate:
-            raise RuntimeError("secret backend detail")
+            raise RuntimeError("secret cluster detail")
         if self.unavailable and len(self.calls) >= self.unavailable_after:
             raise NoWorkerAvailable(self.unavailable)
         # as the router does: a request that cannot be framed for a worker fails here
@@ -119,7 +119,7 @@ class FakeBackend:
                 if s.delay:
                     await asyncio.sleep(s.delay)
                 if s.fail_at == ev:
-                    raise RuntimeError("secret backend detail")
+                    raise RuntimeError("secret cluster detail")
                 if request_id in self.aborted:
                     return
                 chunk = tokens[start : start + s.per_event]
@@ -141,11 +141,11 @@ class FakeBackend:
 class Server:
     """The app on 127.0.0.1, any free port, in a background thread."""
 
-    def __init__(self, backend: FakeBackend, api_key: str | None = None, **app_kw) -> None:
-        self.backend, self.api_key = backend, api_key
+    def __init__(self, cluster: FakeCluster, api_key: str | None = None, **app_kw) -> None:
+        self.cluster, self.api_key = cluster, api_key
         self.metrics = Metrics()
         app = build_app(
-            backend, served_model_name=ALIAS, api_key=api_key, metrics=self.metrics, **app_kw
+            cluster, served_model_name=ALIAS, api_key=api_key, metrics=self.metrics, **app_kw
         )
         config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
         self.server = uvicorn.Server(config)
@@ -193,19 +193,19 @@ def wait_for(pred, timeout: float = 5.0) -> None:
 
 
 @pytest.fixture
-def backend(tokenizer) -> FakeBackend:
-    return FakeBackend.scripted(tokenizer)
+def cluster(tokenizer) -> FakeCluster:
+    return FakeCluster.scripted(tokenizer)
 
 
 @pytest.fixture(scope="module")
 def shared_server(tokenizer):
-    s = Server(FakeBackend.scripted(tokenizer))
+    s = Server(FakeCluster.scripted(tokenizer))
     yield s
     s.stop()
 
 
 @pytest.fixture
 def server(shared_server):
-    """The module's server with its backend as new (its metrics keep counting)."""
-    shared_server.backend.reset()
+    """The module's server with its cluster as new (its metrics keep counting)."""
+    shared_server.cluster.reset()
     return shared_server

@@ -58,29 +58,29 @@ def body_of(size: int) -> bytes:
     return head[:-1] + b" " * (size - len(head)) + b"}"
 
 
-def test_a_declared_length_over_the_limit_is_413_before_reading(backend):
-    app = build_app(backend, served_model_name=ALIAS, max_body_bytes=LIMIT)
+def test_a_declared_length_over_the_limit_is_413_before_reading(cluster):
+    app = build_app(cluster, served_model_name=ALIAS, max_body_bytes=LIMIT)
     status, body = asgi_post(app, [], [(b"content-length", str(LIMIT + 1).encode())])
     assert status == 413 and body["error"]["code"] == "request_too_large"
-    assert str(LIMIT) in body["error"]["message"] and backend.calls == []
+    assert str(LIMIT) in body["error"]["message"] and cluster.calls == []
 
 
-def test_a_chunked_body_over_the_limit_is_413(backend):
-    app = build_app(backend, served_model_name=ALIAS, max_body_bytes=LIMIT)
+def test_a_chunked_body_over_the_limit_is_413(cluster):
+    app = build_app(cluster, served_model_name=ALIAS, max_body_bytes=LIMIT)
     status, body = asgi_post(app, [b"x" * 100] * 11, [])
     assert status == 413 and body["error"]["type"] == "invalid_request_error"
-    assert backend.calls == []
+    assert cluster.calls == []
 
 
-def test_a_content_length_that_lies_is_not_believed(backend):
-    app = build_app(backend, served_model_name=ALIAS, max_body_bytes=LIMIT)
+def test_a_content_length_that_lies_is_not_believed(cluster):
+    app = build_app(cluster, served_model_name=ALIAS, max_body_bytes=LIMIT)
     chunks = [body_of(LIMIT - 1)[:-1], b" " * 100 + b"}"]
     status, _ = asgi_post(app, chunks, [(b"content-length", b"10")])
-    assert status == 413 and backend.calls == []
+    assert status == 413 and cluster.calls == []
 
 
-def test_a_body_at_the_limit_is_served(backend):
-    app = build_app(backend, served_model_name=ALIAS, max_body_bytes=LIMIT)
+def test_a_body_at_the_limit_is_served(cluster):
+    app = build_app(cluster, served_model_name=ALIAS, max_body_bytes=LIMIT)
     content = body_of(LIMIT)
     chunks = [content[i : i + 100] for i in range(0, LIMIT, 100)]
     status, body = asgi_post(app, chunks, [(b"content-length", str(LIMIT).encode())])

@@ -18,7 +18,7 @@ def test_unknown_model_is_404(server):
         server.post("/v1/chat/completions", json={"model": "nope", "messages": CHAT}), 404
     )
     assert err["param"] == "model" and err["code"] == "model_not_found" and "nope" in err["message"]
-    assert server.backend.calls == []
+    assert server.cluster.calls == []
 
 
 def test_unknown_route_is_404_in_the_same_shape(server):
@@ -26,8 +26,8 @@ def test_unknown_route_is_404_in_the_same_shape(server):
     error_of(server.get("/v1/completions"), 405)
 
 
-def test_api_key(backend):
-    s = Server(backend, api_key="sekret")
+def test_api_key(cluster):
+    s = Server(cluster, api_key="sekret")
     try:
         with pytest.raises(openai.AuthenticationError):
             s.client(api_key="wrong").completions.create(model=ALIAS, prompt=PROMPT)
@@ -36,7 +36,7 @@ def test_api_key(backend):
         # checked before the body is parsed
         error_of(s.post("/v1/completions", content=b"{oops"), 401)
         error_of(s.get("/v1/models"), 401)
-        assert backend.calls == []
+        assert cluster.calls == []
         r = s.client().completions.create(model=ALIAS, prompt=PROMPT, max_tokens=3)
         assert r.usage.completion_tokens == 3
         assert s.get("/health").status_code == 200  # operations endpoints stay open
@@ -63,7 +63,7 @@ def test_context_overflow_states_both_numbers(server, tokenizer):
     # exactly at the limit is fine
     r = server.client().completions.create(model=ALIAS, prompt=PROMPT, max_tokens=128 - n_prompt)
     assert r.choices[0].text
-    assert len(server.backend.calls) == 1
+    assert len(server.cluster.calls) == 1
 
 
 @pytest.mark.parametrize(
@@ -90,7 +90,7 @@ def test_invalid_fields_are_400_naming_the_param(server, body, param):
     )
     assert err["param"] == param and err["type"] == "invalid_request_error"
     assert param in err["message"]
-    assert server.backend.calls == []
+    assert server.cluster.calls == []
 
 
 def test_chat_body_errors(server):
@@ -109,7 +109,7 @@ def test_malformed_json_is_400(server, content):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_no_worker_is_503_with_retry_after(server, stream):
-    server.backend.unavailable = "decode"
+    server.cluster.unavailable = "decode"
     body = {"model": ALIAS, "prompt": PROMPT, "stream": stream}
     r = server.post("/v1/completions", json=body)
     err = error_of(r, 503)
@@ -120,35 +120,35 @@ def test_no_worker_is_503_with_retry_after(server, stream):
 
 
 def test_no_worker_for_the_second_choice_aborts_the_first(server):
-    server.backend.unavailable, server.backend.unavailable_after = "prefill", 1
+    server.cluster.unavailable, server.cluster.unavailable_after = "prefill", 1
     r = server.post("/v1/completions", json={"model": ALIAS, "prompt": PROMPT, "n": 2})
     error_of(r, 503)
-    ((rid, _, _),) = server.backend.calls
-    assert rid.endswith("-0") and server.backend.aborted == [rid]
+    ((rid, _, _),) = server.cluster.calls
+    assert rid.endswith("-0") and server.cluster.aborted == [rid]
 
 
-def test_backend_failure_is_500_without_details(server, caplog):
-    server.backend.fail_on_generate = True
+def test_cluster_failure_is_500_without_details(server, caplog):
+    server.cluster.fail_on_generate = True
     r = server.post("/v1/completions", json={"model": ALIAS, "prompt": PROMPT})
     err = error_of(r, 500)
     assert err["message"] == "internal error" and err["type"] == "server_error"
     assert "secret" not in r.text and "Traceback" not in r.text
-    assert "secret backend detail" in caplog.text  # logged instead
+    assert "secret cluster detail" in caplog.text  # logged instead
 
 
 def test_failure_mid_json_is_500_and_aborts(server):
-    server.backend.script.fail_at = 3
+    server.cluster.script.fail_at = 3
     r = server.post("/v1/completions", json={"model": ALIAS, "prompt": PROMPT})
     assert error_of(r, 500)["message"] == "internal error" and "secret" not in r.text
-    assert server.backend.aborted == [server.backend.calls[0][0]]
+    assert server.cluster.aborted == [server.cluster.calls[0][0]]
 
 
 def test_failure_mid_stream_ends_with_an_error_event(server):
-    server.backend.script.fail_at = 3
+    server.cluster.script.fail_at = 3
     body = {"model": ALIAS, "prompt": PROMPT, "stream": True}
     r = server.post("/v1/completions", json=body)
     assert r.status_code == 200
     events = [line for line in r.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
     assert '"internal error"' in events[-2] and "secret" not in r.text
-    assert server.backend.aborted == [server.backend.calls[0][0]]
+    assert server.cluster.aborted == [server.cluster.calls[0][0]]

@@ -1,5 +1,5 @@
 """Hostile bodies: each is a 4xx OpenAI-shaped error naming what is wrong, never a 5xx, nothing
-reaches the backend, and the server answers a normal request right after."""
+reaches the cluster, and the server answers a normal request right after."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ JSON = {"content-type": "application/json"}
 def still_serves(server):
     """Runs the test, then checks no request was placed and a plain one is answered."""
     yield
-    assert server.backend.calls == []
+    assert server.cluster.calls == []
     assert server.get("/health").status_code == 200
     r = server.post("/v1/completions", json={"model": ALIAS, "prompt": "x", "max_tokens": 2})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2

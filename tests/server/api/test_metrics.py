@@ -1,5 +1,5 @@
 """/metrics: request latencies and token counts after real requests, per-worker gauges read at
-scrape time, and the counters the backend feeds."""
+scrape time, and the counters the cluster feeds."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ def samples(text: str) -> dict[tuple, float]:
 
 
 @pytest.fixture
-def fresh(backend):
-    s = Server(backend)
+def fresh(cluster):
+    s = Server(cluster)
     yield s
     s.stop()
 
@@ -34,7 +34,7 @@ def test_metrics_after_requests(fresh, tokenizer):
     r = fresh.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     m = samples(r.text)
-    n_prompt, n_all = len(tokenizer.encode(PROMPT)), len(fresh.backend.script.tokens)
+    n_prompt, n_all = len(tokenizer.encode(PROMPT)), len(fresh.cluster.script.tokens)
     assert m[("baton:prompt_tokens_total",)] == 2 * n_prompt
     assert m[("baton:generation_tokens_total",)] == n_all + 4
     assert m[("baton:request_success_total", ("finished_reason", "stop"))] == 1
@@ -54,13 +54,13 @@ def test_worker_gauges_are_read_at_scrape_time(fresh):
     assert m[("baton:num_requests_waiting", *p0)] == 2
     assert m[("baton:num_requests_running", *d0)] == 3
     assert m[("baton:kv_cache_usage_perc", *d0)] == 0.5
-    fresh.backend.worker_list = fresh.backend.worker_list[1:]  # p0 left
+    fresh.cluster.worker_list = fresh.cluster.worker_list[1:]  # p0 left
     m = samples(fresh.get("/metrics").text)
     assert ("baton:num_requests_running", *p0) not in m
     assert m[("baton:kv_cache_usage_perc", *d0)] == 0.5
 
 
-def test_backend_fed_counters():
+def test_cluster_fed_counters():
     metrics = Metrics()
     metrics.observe_prefix_cache("d0", 100, 40)
     metrics.observe_prefix_cache("d0", 150, 60)

@@ -112,12 +112,12 @@ def test_a_folder_without_tokenizer_json_is_refused(tmp_path, tiny_config_dir):
 
 
 def test_the_router_builds_without_torch_or_transformers(smollm2):
-    """In a fresh interpreter: the router's backend and app for the default model."""
+    """In a fresh interpreter: the router's cluster and app for the default model."""
     code = (
         "import sys\n"
-        "from baton.server.router.server import ServeConfig, build_backend\n"
+        "from baton.server.router.main import ServeConfig, build_cluster\n"
         "from baton.server.api.app import build_app\n"
-        "b = build_backend(ServeConfig(model='smollm2'))\n"
+        "b = build_cluster(ServeConfig(model='smollm2'))\n"
         "build_app(b, served_model_name='smollm2', api_key=None, metrics=b.metrics)\n"
         "print(b.tokenizer.encode('hi'))\n"
         "heavy = ('torch', 'transformers', 'safetensors', 'gguf', 'triton')\n"

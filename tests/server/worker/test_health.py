@@ -14,7 +14,7 @@ class FakeWorker:
     def __init__(self) -> None:
         self.id = "w0"
         self.registered = False
-        self.running = True
+        self.alive = True
         self.draining = False
         self.last_tick = time.monotonic()
 
@@ -41,7 +41,7 @@ def test_ready_only_while_registered_and_taking_work(probed):
     w.draining = True
     assert httpx.get(url + "/health").json()["status"] == "draining"
     assert httpx.get(url + "/health").status_code == 503
-    w.draining, w.running = False, False
+    w.draining, w.alive = False, False
     assert httpx.get(url + "/health").status_code == 503
 
 

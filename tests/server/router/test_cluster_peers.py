@@ -1,4 +1,4 @@
-"""The router's ZeroMQ backend against workers the test plays on raw sockets: a worker of another
+"""The router's ZeroMQ cluster against workers the test plays on raw sockets: a worker of another
 protocol version is told why it is refused, at once and in words it can read; a RequestFailed is
 resumed elsewhere or reaches the client, as the worker asked."""
 
@@ -14,8 +14,8 @@ import zmq
 import zmq.asyncio
 
 from baton import SamplingParams
-from baton.server.api.backend import RequestFailed
-from baton.server.router.backend import RouterConfig, ZmqBackend
+from baton.server.api.cluster import RequestFailed
+from baton.server.router.cluster import RouterConfig, ZmqCluster
 from baton.server.wire import codec
 from baton.server.wire import messages as m
 
@@ -82,17 +82,17 @@ class Peer:
 
 
 def run_router(test, **config):
-    """Run `test(backend, ctx)` against a started colocated router; everything closed after."""
+    """Run `test(cluster, ctx)` against a started colocated router; everything closed after."""
 
     async def main():
-        backend = ZmqBackend(RouterConfig(mode="colocated", **config), None, 512, "tiny")
-        backend.start()
+        cluster = ZmqCluster(RouterConfig(mode="colocated", **config), None, 512, "tiny")
+        cluster.start()
         ctx = zmq.asyncio.Context()
         try:
-            await test(backend, ctx)
+            await test(cluster, ctx)
         finally:
             ctx.destroy(0)
-            await backend.stop()
+            await cluster.stop()
 
     asyncio.run(main())
 
@@ -108,8 +108,8 @@ def refusals(caplog) -> list[str]:
 def test_a_worker_of_the_previous_version_is_refused_in_its_own_version(caplog):
     caplog.set_level(logging.WARNING, logger=LOGGER)
 
-    async def test(backend, ctx):
-        old = Peer(ctx, backend.endpoint, "old-0")
+    async def test(cluster, ctx):
+        old = Peer(ctx, cluster.endpoint, "old-0")
         for _ in range(2):  # a worker that retries is answered each time, logged once
             await old.send_header({"t": "register", "v": 4, "f": V4_REGISTER})
             frames = await old.recv(timeout=1.0)
@@ -121,7 +121,7 @@ def test_a_worker_of_the_previous_version_is_refused_in_its_own_version(caplog):
             reason = header["f"]["reason"]
             assert "version 4" in reason and f"router's {codec.PROTOCOL_VERSION}" in reason
             assert "upgrade the worker" in reason
-        assert "old-0" not in backend.pool.workers
+        assert "old-0" not in cluster.pool.workers
         (logged,) = refusals(caplog)
         assert "old-0" in logged and reason in logged
         # Any other frame of another version is dropped (and logged), never answered.
@@ -139,8 +139,8 @@ def test_a_worker_of_the_previous_version_is_refused_in_its_own_version(caplog):
 def test_a_newer_worker_is_refused_in_this_routers_version(caplog):
     caplog.set_level(logging.WARNING, logger=LOGGER)
 
-    async def test(backend, ctx):
-        new = Peer(ctx, backend.endpoint, "new-0")
+    async def test(cluster, ctx):
+        new = Peer(ctx, cluster.endpoint, "new-0")
         newer = codec.PROTOCOL_VERSION + 1
         await new.send_header({"t": "register", "v": newer, "f": {"whatever": "it holds now"}})
         frames = await new.recv(timeout=1.0)
@@ -153,7 +153,7 @@ def test_a_newer_worker_is_refused_in_this_routers_version(caplog):
         await new.sock.send_multipart([b"\xc1 not msgpack"])
         await new.send_header({"t": "register", "v": codec.PROTOCOL_VERSION, "f": {}})
         assert await new.silent()
-        assert "new-0" not in backend.pool.workers
+        assert "new-0" not in cluster.pool.workers
 
     run_router(test)
 
@@ -171,12 +171,12 @@ def token(request_id: str, worker_id: str, tid: int, finish: str | None = None):
 
 
 def test_a_failure_the_worker_may_retry_is_resumed_on_another_worker():
-    async def test(backend, ctx):
-        peers = {wid: Peer(ctx, backend.endpoint, wid) for wid in ("a", "b")}
+    async def test(cluster, ctx):
+        peers = {wid: Peer(ctx, cluster.endpoint, wid) for wid in ("a", "b")}
         for p in peers.values():
             await p.register()
-        it = await backend.generate("r", [5, 6, 7], GREEDY)
-        attempt = backend.streams["r"].attempt
+        it = await cluster.generate("r", [5, 6, 7], GREEDY)
+        attempt = cluster.streams["r"].attempt
         first = attempt.prefill
         assert attempt.involved == [first]
         ran, other = peers[first], peers[next(w for w in peers if w != first)]
@@ -201,10 +201,10 @@ def test_a_failure_the_worker_may_retry_is_resumed_on_another_worker():
 
 
 def test_a_failure_of_the_request_itself_reaches_the_client():
-    async def test(backend, ctx):
-        peer = Peer(ctx, backend.endpoint, "a")
+    async def test(cluster, ctx):
+        peer = Peer(ctx, cluster.endpoint, "a")
         await peer.register()
-        it = await backend.generate("r", [5, 6, 7], GREEDY)
+        it = await cluster.generate("r", [5, 6, 7], GREEDY)
         assert isinstance(await peer.recv_msg(), m.Generate)
         await peer.send(
             m.RequestFailed(request_id="r", worker_id="a", error="bad params", retry=False)
@@ -212,6 +212,6 @@ def test_a_failure_of_the_request_itself_reaches_the_client():
         with pytest.raises(RequestFailed) as e:
             await it.__anext__()
         assert e.value.status == 500 and str(e.value) == "worker a: bad params"
-        assert "r" not in backend.streams and not backend.pool.workers["a"].assigned
+        assert "r" not in cluster.streams and not cluster.pool.workers["a"].assigned
 
     run_router(test)

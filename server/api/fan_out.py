@@ -1,4 +1,4 @@
-"""One HTTP request's n backend requests: placed together, detokenized, cut at stop strings,
+"""One HTTP request's n cluster requests: placed together, detokenized, cut at stop strings,
 merged into one stream of per-choice deltas. `close` is the one place that aborts them."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from baton.scheduler.sampling_params import SamplingParams
-from baton.server.api.backend import Backend, TokenEvent
+from baton.server.api.cluster import Cluster, TokenEvent
 from baton.server.api.metrics import Metrics
 from baton.server.detokenizer import IncrementalDetokenizer
 
@@ -35,40 +35,40 @@ class Delta:
 class _Choice:
     index: int
     request_id: str
-    params: SamplingParams  # what the backend sees: n == 1, no stop strings
+    params: SamplingParams  # what the cluster sees: n == 1, no stop strings
     detok: IncrementalDetokenizer
     limit: int  # output tokens allowed: the settled max_tokens
     iterator: AsyncIterator[TokenEvent] | None = None
     num_tokens: int = 0
     num_cached_tokens: int = 0
     finish_reason: str | None = None
-    backend_done: bool = False  # the backend finished it: nothing to abort
+    cluster_done: bool = False  # the cluster finished it: nothing to abort
     aborted: bool = False
     last_token_at: float | None = None
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list = field(default_factory=list)
 
 
-class Generation:
-    """`params` arrive with max_tokens settled (see Serving.settle_params)."""
+class FanOut:
+    """`params` arrive with max_tokens settled (see Handlers.settle_params)."""
 
     def __init__(
         self,
-        backend: Backend,
+        cluster: Cluster,
         request_id: str,
         prompt_token_ids: list[int],
         params: SamplingParams,
         metrics: Metrics,
         arrival: float,
     ) -> None:
-        self.backend, self.metrics, self.arrival = backend, metrics, arrival
+        self.cluster, self.metrics, self.arrival = cluster, metrics, arrival
         self.prompt_token_ids = prompt_token_ids
         self.params = params
         ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
         self.choices: list[_Choice] = []
         for i, rid in enumerate(ids):
             sub = dataclasses.replace(params.choice(i), stop=())
-            detok = IncrementalDetokenizer(backend.tokenizer, prompt_token_ids, params)
+            detok = IncrementalDetokenizer(cluster.tokenizer, prompt_token_ids, params)
             self.choices.append(_Choice(i, rid, sub, detok, params.max_tokens))
         self._queue: asyncio.Queue[Delta | Exception] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
@@ -85,13 +85,13 @@ class Generation:
         """Places every choice; if one cannot be placed (NoWorkerAvailable), aborts the rest."""
         try:
             for c in self.choices:
-                it = self.backend.generate(c.request_id, self.prompt_token_ids, c.params)
+                it = self.cluster.generate(c.request_id, self.prompt_token_ids, c.params)
                 c.iterator = await it if inspect.isawaitable(it) else it
         except BaseException:
             await self.close()
             raise
         self.metrics.observe_prompt(len(self.prompt_token_ids))
-        self._tasks = [asyncio.create_task(self._pump(c)) for c in self.choices]
+        self._tasks = [asyncio.create_task(self._read_choice(c)) for c in self.choices]
 
     async def deltas(self) -> AsyncIterator[Delta]:
         """Every choice's deltas as they come, until each has finished."""
@@ -104,14 +104,14 @@ class Generation:
             yield item
 
     async def close(self) -> None:
-        """Idempotent: stops reading and aborts every choice the backend has not finished."""
+        """Idempotent: stops reading and aborts every choice the cluster has not finished."""
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for c in self.choices:
             if c.iterator is None:
                 continue
-            if not c.backend_done:
+            if not c.cluster_done:
                 await self._abort(c)
             aclose = getattr(c.iterator, "aclose", None)
             if aclose is not None:
@@ -124,12 +124,12 @@ class Generation:
         if c.aborted:
             return
         try:
-            await self.backend.abort(c.request_id)
+            await self.cluster.abort(c.request_id)
             c.aborted = True
         except Exception:
             logger.exception("aborting %s failed", c.request_id)
 
-    async def _pump(self, c: _Choice) -> None:
+    async def _read_choice(self, c: _Choice) -> None:
         try:
             async for ev in c.iterator:
                 delta = self._on_event(c, ev)
@@ -139,12 +139,12 @@ class Generation:
                     break
             if c.finish_reason is None:
                 logger.warning("the stream of %s ended without a finish", c.request_id)
-                c.backend_done = True
+                c.cluster_done = True
                 self._queue.put_nowait(self._finish(c, "abort", None))
         except Exception as e:
             self._queue.put_nowait(e)
             return
-        if not c.backend_done:  # we ended it (stop string, length): the backend must stop too
+        if not c.cluster_done:  # we ended it (stop string, length): the cluster must stop too
             await self._abort(c)
 
     def _on_event(self, c: _Choice, ev: TokenEvent) -> Delta | None:
@@ -166,7 +166,7 @@ class Generation:
         if c.detok.stop_hit is not None:
             return self._finish(c, "stop", c.detok.stop_hit, text)
         if ev.finish_reason is not None and not overflow:
-            c.backend_done = True
+            c.cluster_done = True
             return self._finish(c, ev.finish_reason, ev.stop_reason, text + c.detok.flush())
         if c.num_tokens >= c.limit:
             return self._finish(c, "length", None, text + c.detok.flush())

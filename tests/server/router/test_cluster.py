@@ -1,4 +1,4 @@
-"""The router's ZeroMQ backend with real workers (threads, loopback sockets, a tiny dummy model):
+"""The router's ZeroMQ cluster with real workers (threads, loopback sockets, a tiny dummy model):
 greedy tokens through a disaggregated handoff equal the offline engine; bad workers are refused."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import pytest
 
 from baton import SamplingParams
 from baton.scheduler.placement import WorkerState
-from baton.server.api.backend import NoWorkerAvailable
+from baton.server.api.cluster import NoWorkerAvailable
 from baton.server.api.metrics import Metrics
 from baton.server.config import EngineConfig
 from baton.server.engine import LLMEngine
-from baton.server.router.backend import RouterConfig, ZmqBackend
+from baton.server.router.cluster import RouterConfig, ZmqCluster
 from baton.server.wire import messages as m
 from baton.server.worker.config import WorkerConfig
 from baton.server.worker.worker import Worker
@@ -61,9 +61,9 @@ async def wait_for(pred, timeout=30.0):
         await asyncio.sleep(0.05)
 
 
-async def collect(backend, rid, prompt, params):
+async def collect(cluster, rid, prompt, params):
     tokens = []
-    async for ev in await backend.generate(rid, prompt, params):
+    async for ev in await cluster.generate(rid, prompt, params):
         tokens += ev.token_ids
         if ev.finish_reason is not None:
             return tokens, ev.finish_reason
@@ -84,22 +84,22 @@ def test_tokens_through_the_router_equal_the_offline_engine(tiny_config_dir, mod
 
     async def main():
         metrics = Metrics()
-        backend = ZmqBackend(RouterConfig(mode=mode), None, 512, "tiny", metrics=metrics)
-        backend.start()
+        cluster = ZmqCluster(RouterConfig(mode=mode), None, 512, "tiny", metrics=metrics)
+        cluster.start()
         roles = ["prefill", "decode"] if mode == "disagg" else ["both"]
         workers = [
             start_worker(
-                backend.endpoint, tiny_config_dir, r, f"{r}-{mode}", max_num_batched_tokens=16
+                cluster.endpoint, tiny_config_dir, r, f"{r}-{mode}", max_num_batched_tokens=16
             )
             for r in roles
         ]
         try:
             with pytest.raises(NoWorkerAvailable):
-                if not backend.health()[0]:
-                    await backend.generate("early", PROMPTS[0], GREEDY)
-            await wait_for(lambda: backend.health()[0])
+                if not cluster.health()[0]:
+                    await cluster.generate("early", PROMPTS[0], GREEDY)
+            await wait_for(lambda: cluster.health()[0])
             got = await asyncio.gather(
-                *(collect(backend, f"r{i}", p, GREEDY) for i, p in enumerate(PROMPTS))
+                *(collect(cluster, f"r{i}", p, GREEDY) for i, p in enumerate(PROMPTS))
             )
             assert [g[0] for g in got] == want
             assert all(g[1] == "length" for g in got)
@@ -124,7 +124,7 @@ def test_tokens_through_the_router_equal_the_offline_engine(tiny_config_dir, mod
                 )
             )
             # A client that goes away mid-stream: aborted everywhere, KV freed on both sides.
-            it = await backend.generate(
+            it = await cluster.generate(
                 "gone", PROMPTS[2], SamplingParams(max_tokens=400, ignore_eos=True)
             )
             await it.__anext__()
@@ -138,21 +138,21 @@ def test_tokens_through_the_router_equal_the_offline_engine(tiny_config_dir, mod
             )
             # A worker whose KV layout differs is refused and stops.
             bad, t = start_worker(
-                backend.endpoint,
+                cluster.endpoint,
                 tiny_config_dir,
                 "decode" if mode == "disagg" else "both",
                 f"bad-{mode}",
                 block_size=32,
             )
             await asyncio.to_thread(t.join, 30)
-            assert not t.is_alive() and f"bad-{mode}" not in backend.pool.workers
+            assert not t.is_alive() and f"bad-{mode}" not in cluster.pool.workers
             assert "refused" in bad.errors[0] and "layout" in bad.errors[0]
         finally:
             for w, _ in workers:
-                w.running = False
+                w.alive = False
             for _, t in workers:
                 t.join(timeout=10)
-            await backend.stop()
+            await cluster.stop()
 
     asyncio.run(main())
 
@@ -164,9 +164,9 @@ def report(request_id: str, nbytes: int, seconds: float, ok: bool) -> m.KVReport
 def test_worker_reports_feed_queue_time_and_kv_transfer_metrics():
     async def main():
         metrics = Metrics()
-        backend = ZmqBackend(RouterConfig(), None, 512, "tiny", metrics=metrics)
+        cluster = ZmqCluster(RouterConfig(), None, 512, "tiny", metrics=metrics)
         layout = (2, 16, 2, 16, "float32")
-        backend.pool.workers["p"] = WorkerState(
+        cluster.pool.workers["p"] = WorkerState(
             "p", "prefill", 1, "h", "tiny", layout, "", 512, 8, 0
         )
         try:
@@ -181,7 +181,7 @@ def test_worker_reports_feed_queue_time_and_kv_transfer_metrics():
                 queue_time_s=0.3,
             )
             failed = m.RequestFailed(request_id="a", worker_id="p", error="x", retry=True)
-            dispatch = backend.control._dispatch
+            dispatch = cluster.control._dispatch
             await dispatch("p", report("a", 4096, 0.02, True))
             await dispatch("p", report("b", 1024, 0.5, False))
             await dispatch("p", tok)
@@ -189,7 +189,7 @@ def test_worker_reports_feed_queue_time_and_kv_transfer_metrics():
             await dispatch("p", failed)
             await dispatch("stranger", report("c", 1, 0.1, True))  # dropped
         finally:
-            await backend.stop()
+            await cluster.stop()
         sample = metrics.registry.get_sample_value
         assert sample("baton:kv_transfer_bytes_total") == 4096
         assert sample("baton:kv_transfer_duration_seconds_count") == 1
@@ -205,11 +205,11 @@ def test_a_step_longer_than_the_heartbeat_timeout_does_not_kill_the_worker(tiny_
     """Heartbeats come from their own thread: a 2.5 s step under a 1 s timeout stays alive."""
 
     async def main():
-        backend = ZmqBackend(
+        cluster = ZmqCluster(
             RouterConfig(mode="colocated", heartbeat_timeout_s=1.0), None, 512, "tiny"
         )
-        backend.start()
-        w, t = start_worker(backend.endpoint, tiny_config_dir, "both", "slow")
+        cluster.start()
+        w, t = start_worker(cluster.endpoint, tiny_config_dir, "both", "slow")
         step = w.engine.step
 
         def slow_step():
@@ -218,14 +218,14 @@ def test_a_step_longer_than_the_heartbeat_timeout_does_not_kill_the_worker(tiny_
 
         w.engine.step = slow_step
         try:
-            await wait_for(lambda: backend.health()[0])
+            await wait_for(lambda: cluster.health()[0])
             params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
-            tokens, finish = await collect(backend, "r", PROMPTS[0], params)
+            tokens, finish = await collect(cluster, "r", PROMPTS[0], params)
             assert len(tokens) == 2 and finish == "length"
-            assert backend.pool.workers["slow"].state == "ready"
+            assert cluster.pool.workers["slow"].state == "ready"
         finally:
-            w.running = False
+            w.alive = False
             t.join(timeout=10)
-            await backend.stop()
+            await cluster.stop()
 
     asyncio.run(main())

@@ -1,5 +1,5 @@
 """From a validated request to a response: model check, prompt tokens, max_tokens settled against
-the context length, then one Generation answered as JSON or as server-sent events ending in
+the context length, then one FanOut answered as JSON or as server-sent events ending in
 `data: [DONE]`."""
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from starlette.types import Receive, Scope, Send
 from baton.scheduler.limits import ContextLengthExceeded, settle_max_tokens
 from baton.scheduler.sampling_params import SamplingParams
 from baton.server.api import protocol as p
-from baton.server.api.backend import Backend
-from baton.server.api.errors import APIError, backend_error, error_body, invalid_field
+from baton.server.api.cluster import Cluster
+from baton.server.api.errors import APIError, cluster_error, error_body, invalid_field
+from baton.server.api.fan_out import Delta, FanOut
 from baton.server.api.formats import ChatFormat, CompletionFormat, merge, sse
-from baton.server.api.generation import Delta, Generation
 from baton.server.api.metrics import Metrics
 
 logger = logging.getLogger(__name__)
@@ -55,18 +55,18 @@ async def _until_disconnect(request: Request) -> None:
         pass
 
 
-class Serving:
-    def __init__(self, backend: Backend, served_model_name: str, metrics: Metrics) -> None:
-        self.backend, self.served_model_name, self.metrics = backend, served_model_name, metrics
+class Handlers:
+    def __init__(self, cluster: Cluster, served_model_name: str, metrics: Metrics) -> None:
+        self.cluster, self.served_model_name, self.metrics = cluster, served_model_name, metrics
         self.token_str = functools.lru_cache(maxsize=1 << 16)(self._decode_one)
 
     def _decode_one(self, token_id: int) -> str:
-        return self.backend.tokenizer.decode([token_id], skip_special_tokens=False)
+        return self.cluster.tokenizer.decode([token_id], skip_special_tokens=False)
 
     # ---- checks and prompts ---------------------------------------------------------------
 
     def check_model(self, model: str) -> None:
-        if model not in (self.served_model_name, self.backend.model_name):
+        if model not in (self.served_model_name, self.cluster.model_name):
             raise APIError(
                 404, f"The model `{model}` does not exist.", param="model", code="model_not_found"
             )
@@ -78,7 +78,7 @@ class Serving:
         `prompt_param` or max_tokens when they do not fit the context."""
         try:
             max_tokens = settle_max_tokens(
-                num_prompt, params.max_tokens, self.backend.max_model_len
+                num_prompt, params.max_tokens, self.cluster.max_model_len
             )
         except ContextLengthExceeded as e:
             head = f"This model's maximum context length is {e.max_model_len} tokens. However,"
@@ -106,9 +106,9 @@ class Serving:
                 raise APIError(400, "prompt: one prompt per request is supported", param="prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            ids = list(self.backend.tokenizer.encode(prompt))
+            ids = list(self.cluster.tokenizer.encode(prompt))
         else:
-            vocab = len(self.backend.tokenizer)
+            vocab = len(self.cluster.tokenizer)
             bad = next((t for t in prompt if not 0 <= t < vocab), None)
             if bad is not None:
                 raise APIError(
@@ -122,7 +122,7 @@ class Serving:
     def chat_prompt(self, messages: list[p.ChatMessage]) -> list[int]:
         conv = [m.template_dict() for m in messages]
         try:
-            out = self.backend.tokenizer.apply_chat_template(
+            out = self.cluster.tokenizer.apply_chat_template(
                 conv, add_generation_prompt=True, tokenize=True
             )
         except Exception as e:  # a template that rejects the conversation (roles, order)
@@ -144,7 +144,7 @@ class Serving:
         except ValueError as e:
             raise invalid_field(e) from None
         if params.stop_token_ids:
-            vocab = len(self.backend.tokenizer)
+            vocab = len(self.cluster.tokenizer)
             bad = next((t for t in params.stop_token_ids if t >= vocab), None)
             if bad is not None:
                 raise APIError(
@@ -186,16 +186,16 @@ class Serving:
         req: p.CompletionRequest | p.ChatCompletionRequest,
         fmt: Format,
     ) -> Response:
-        gen = Generation(self.backend, rid, prompt_ids, params, self.metrics, arrival)
+        gen = FanOut(self.cluster, rid, prompt_ids, params, self.metrics, arrival)
         try:
             await gen.start()  # NoWorkerAvailable, Overloaded: answered by their handlers
-        except ValueError as e:  # the backend's own checks (KV it could never hold)
+        except ValueError as e:  # the cluster's own checks (KV it could never hold)
             raise APIError(400, str(e), param="max_tokens") from None
         if req.stream:
             return EventStream(self._events(gen, fmt, req.include_usage), on_close=gen.close)
         return await self._respond(gen, fmt, request)
 
-    def _usage(self, gen: Generation) -> p.Usage:
+    def _usage(self, gen: FanOut) -> p.Usage:
         n_prompt, n_out = len(gen.prompt_token_ids), gen.num_generated_tokens
         return p.Usage(
             prompt_tokens=n_prompt,
@@ -204,7 +204,7 @@ class Serving:
             prompt_tokens_details=p.PromptTokensDetails(cached_tokens=gen.num_cached_tokens),
         )
 
-    async def _events(self, gen: Generation, fmt: Format, include_usage: bool):
+    async def _events(self, gen: FanOut, fmt: Format, include_usage: bool):
         try:
             for chunk in fmt.head():
                 yield sse(chunk)
@@ -213,7 +213,7 @@ class Serving:
             if include_usage:
                 yield sse(fmt.usage_chunk(self._usage(gen)))
         except Exception as e:
-            err = backend_error(e)  # a worker lost with nowhere to resume, a deadline passed
+            err = cluster_error(e)  # a worker lost with nowhere to resume, a deadline passed
             if err is None:
                 logger.exception("request %s failed while streaming", fmt.id)
                 err = APIError(500, "internal error")
@@ -227,7 +227,7 @@ class Serving:
                 await gen.close()
         yield "data: [DONE]\n\n"
 
-    async def _respond(self, gen: Generation, fmt: Format, request: Request) -> Response:
+    async def _respond(self, gen: FanOut, fmt: Format, request: Request) -> Response:
         want_logprobs = gen.params.logprobs is not None
         merged = [Delta(i, "", [], [] if want_logprobs else None) for i in range(fmt.n)]
 

@@ -26,7 +26,7 @@ class NoWorkerAvailable(Exception):
         self.role = role
 
 
-class Backend(Protocol):
+class Cluster(Protocol):
     model_name: str
     max_model_len: int
     tokenizer: Any

@@ -1,6 +1,6 @@
 """The router's side of ZeroMQ: registers workers, places requests, relays their tokens.
 
-Implements the HTTP layer's Backend protocol. Runs on the server's asyncio loop. Two parts
+Implements the HTTP layer's Cluster protocol. Runs on the server's asyncio loop. Two parts
 share one `Pool`: `WorkerControl` (the control socket: registration, heartbeats, liveness) and
 `RequestRelay` (placement, failover and the token streams).
 """
@@ -11,16 +11,16 @@ from collections.abc import AsyncIterator
 
 from baton.scheduler.placement import Pool
 from baton.scheduler.sampling_params import SamplingParams
-from baton.server.api.backend import TokenEvent
+from baton.server.api.cluster import TokenEvent
 from baton.server.router.config import RouterConfig
 from baton.server.router.control import WorkerControl
 from baton.server.router.relay import RequestRelay
 from baton.server.router.stream import Stream
 
-__all__ = ["RouterConfig", "ZmqBackend"]
+__all__ = ["RouterConfig", "ZmqCluster"]
 
 
-class ZmqBackend:
+class ZmqCluster:
     def __init__(
         self,
         config: RouterConfig,
@@ -54,7 +54,7 @@ class ZmqBackend:
     async def stop(self) -> None:
         await self.control.stop()
 
-    # ---- Backend protocol -----------------------------------------------------------------
+    # ---- Cluster protocol -----------------------------------------------------------------
 
     def health(self) -> tuple[bool, str]:
         return self.pool.health()

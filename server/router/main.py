@@ -1,4 +1,4 @@
-"""Run the router: the HTTP app and the ZeroMQ backend on one asyncio loop."""
+"""Run the router: the HTTP app and the ZeroMQ cluster on one asyncio loop."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import uvicorn
 from baton.server.api.app import build_app
 from baton.server.api.metrics import Metrics
 from baton.server.config import resolve_max_model_len
-from baton.server.router.backend import RouterConfig, ZmqBackend
+from baton.server.router.cluster import RouterConfig, ZmqCluster
 
 logger = logging.getLogger(__name__)
 
@@ -28,14 +28,14 @@ class ServeConfig:
     router: RouterConfig = RouterConfig()
 
 
-def build_backend(config: ServeConfig) -> ZmqBackend:
+def build_cluster(config: ServeConfig) -> ZmqCluster:
     from baton.server.router.model_files import router_model
 
     spec = router_model(config.model, config.load_format)
     # NOTE: the engine's own rule, so workers started with the same flags always cover it.
     max_len = resolve_max_model_len(config.max_model_len, spec.max_position_embeddings)
     metrics = Metrics()
-    return ZmqBackend(
+    return ZmqCluster(
         config.router,
         spec.tokenizer,
         max_len,
@@ -45,11 +45,11 @@ def build_backend(config: ServeConfig) -> ZmqBackend:
     )
 
 
-async def serve_router(config: ServeConfig, backend: ZmqBackend, ready=None) -> None:
+async def run_router(config: ServeConfig, cluster: ZmqCluster, ready=None) -> None:
     """Serve until cancelled. `ready`, if given, is called once the socket listens."""
-    backend.start()
+    cluster.start()
     app = build_app(
-        backend, served_model_name=config.model, api_key=config.api_key, metrics=backend.metrics
+        cluster, served_model_name=config.model, api_key=config.api_key, metrics=cluster.metrics
     )
     server = uvicorn.Server(
         uvicorn.Config(app, host=config.host, port=config.port, log_level="warning")
@@ -66,4 +66,4 @@ async def serve_router(config: ServeConfig, backend: ZmqBackend, ready=None) -> 
         await task
     finally:
         server.should_exit = True
-        await backend.stop()
+        await cluster.stop()
