@@ -62,7 +62,7 @@ class Pool:
     match, so a request never fails on a mismatch found mid-handoff.
 
     NOTE: every change to a worker's state goes through a method here (admit, seen, beat,
-    assign, release, expire, lose, remove); a `WorkerState` is data the pool mutates."""
+    assign, release, lose, remove); a `WorkerState` is data the pool mutates."""
 
     def __init__(self, mode: str, model: str | None = None) -> None:
         if mode not in ("disagg", "colocated"):
@@ -219,14 +219,11 @@ class Pool:
             )
         return None
 
-    def expire(self, now: float, timeout: float) -> list[WorkerState]:
-        """Mark workers silent for `timeout` seconds dead; returns the newly dead."""
-        dead = []
-        for w in self.workers.values():
-            if w.state != "dead" and now - w.last_seen > timeout:
-                w.state = "dead"
-                dead.append(w)
-        return dead
+    def silent(self, now: float, timeout: float) -> list[WorkerState]:
+        """Live workers not heard from for `timeout` seconds (the caller `lose`s them)."""
+        return [
+            w for w in self.workers.values() if w.state != "dead" and now - w.last_seen > timeout
+        ]
 
     def health(self) -> tuple[bool, str]:
         if self.mode == "colocated":

@@ -220,9 +220,13 @@ class WorkerControl:
     async def _expire_loop(self) -> None:
         while True:
             await asyncio.sleep(min(1.0, self.config.heartbeat_timeout_s / 4))
-            for w in self.pool.expire(time.monotonic(), self.config.heartbeat_timeout_s):
-                logger.error("worker %s missed its heartbeats; marking it dead", w.worker_id)
-                self._worker_lost(w.worker_id, f"worker {w.worker_id} stopped responding")
+            self.expire_silent(time.monotonic())
+
+    def expire_silent(self, now: float) -> None:
+        """Workers that missed their heartbeats are lost like any other (and counted so)."""
+        for w in self.pool.silent(now, self.config.heartbeat_timeout_s):
+            logger.error("worker %s missed its heartbeats; marking it dead", w.worker_id)
+            self._worker_lost(w.worker_id, f"worker {w.worker_id} stopped responding")
 
     async def _monitor_loop(self) -> None:
         """A worker's connection dropped (its process died): no need to wait for heartbeats."""

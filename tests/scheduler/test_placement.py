@@ -51,7 +51,8 @@ def test_workers_of_a_pool_run_one_cpu_linear_plan():
     assert pool.admit(worker("d", "decode", cpu=cpu("mkl-packed"))) is None
     assert pool.workers["d"].as_dict()["cpu"]["linear"] == "mkl-packed"
     # once every worker of a plan is gone, another plan may start the pool again
-    pool.expire(now=11.0, timeout=10.0)
+    for w in pool.silent(now=11.0, timeout=10.0):
+        pool.lose(w.worker_id)
     assert pool.admit(worker("d2", "decode", cpu=cpu("onednn-packed"))) is None
 
 
@@ -80,9 +81,14 @@ def test_silent_workers_expire_and_health_follows():
     pool.admit(worker("p", "prefill"))
     pool.admit(worker("d", "decode"))
     assert pool.health() == (True, "ready")
-    assert [w.worker_id for w in pool.expire(now=5.0, timeout=10.0)] == []
-    assert {w.worker_id for w in pool.expire(now=11.0, timeout=10.0)} == {"p", "d"}
+    assert [w.worker_id for w in pool.silent(now=5.0, timeout=10.0)] == []
+    silent = pool.silent(now=11.0, timeout=10.0)
+    assert {w.worker_id for w in silent} == {"p", "d"}
+    assert pool.health()[0]  # silence alone changes nothing: losing the worker does
+    for w in silent:
+        pool.lose(w.worker_id)
     assert pool.pick_prefill() is None and not pool.health()[0]
+    assert pool.silent(now=99.0, timeout=10.0) == []  # the dead are not lost twice
 
 
 def test_bad_mode():

@@ -201,6 +201,33 @@ def test_worker_reports_feed_queue_time_and_kv_transfer_metrics():
     asyncio.run(main())
 
 
+def test_a_worker_that_stops_beating_is_counted_lost_and_its_requests_resume():
+    async def main():
+        metrics = Metrics()
+        cluster = ZmqCluster(
+            RouterConfig(heartbeat_timeout_s=5.0), None, 512, "tiny", metrics=metrics
+        )
+        layout = (2, 16, 2, 16, "float32")
+        w = WorkerState("p", "prefill", 1, "h", "tiny", layout, "", 512, 8, 0)
+        w.last_seen = 100.0
+        cluster.pool.workers["p"] = w
+        cluster.pool.assign("a", ["p"])
+        lost = []
+        cluster.relay.lost = lambda rid, wid, reason: lost.append((rid, wid, reason))
+        try:
+            cluster.control.expire_silent(104.0)
+            assert w.state == "ready" and lost == []
+            cluster.control.expire_silent(106.0)
+            cluster.control.expire_silent(107.0)  # already dead: not counted twice
+        finally:
+            await cluster.stop()
+        assert w.state == "dead"
+        assert lost == [("a", "p", "worker p stopped responding")]
+        assert metrics.registry.get_sample_value("baton:worker_losses_total") == 1
+
+    asyncio.run(main())
+
+
 def test_a_step_longer_than_the_heartbeat_timeout_does_not_kill_the_worker(tiny_config_dir):
     """Heartbeats come from their own thread: a 2.5 s step under a 1 s timeout stays alive."""
 
