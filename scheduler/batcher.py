@@ -28,10 +28,6 @@ class Batcher:
         )
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        # Disaggregation: sequences that hold blocks outside the batch. `detached`: prompts whose
-        # KV is being shipped away (freed on ack); `reserved`: KV being received (joined on commit).
-        self.detached: dict[str, Sequence] = {}
-        self.reserved: dict[str, Sequence] = {}
         self._seqs: dict[str, Sequence] = {}  # unfinished sequences by id
         self._arrivals = itertools.count(1)
         self.num_preemptions = 0  # total over the batcher's life, for metrics and tests
@@ -54,8 +50,8 @@ class Batcher:
 
     @property
     def live_seqs(self) -> list[Sequence]:
-        """Every sequence that may hold blocks (for invariant checks)."""
-        return [*self.waiting, *self.running, *self.detached.values(), *self.reserved.values()]
+        """The batch's sequences (for invariant checks; handed-off ones are held elsewhere)."""
+        return [*self.waiting, *self.running]
 
     def get(self, seq_id: str) -> Sequence | None:
         """The unfinished sequence with this id, if any."""
@@ -70,7 +66,7 @@ class Batcher:
         self.waiting.append(seq)
 
     def _validate(self, seq: Sequence) -> None:
-        if seq.seq_id in self._seqs or seq.seq_id in self.detached:
+        if seq.seq_id in self._seqs:
             raise ValueError(f"seq_id: {seq.seq_id!r} is already scheduled")
         if not seq.prompt_token_ids:
             raise ValueError("prompt: must not be empty")
@@ -91,59 +87,44 @@ class Batcher:
                 f"but the cache has only {self.cache_config.num_blocks} blocks"
             )
 
-    # ---- disaggregation: the prefill side ----------------------------------------------------
+    # ---- disaggregation: sequences whose blocks are held outside the batch ----------------------
+    # NOTE: the batch only moves blocks here; who holds such a sequence, and until when, is
+    # `baton.server.handoffs.Handoffs`' to say.
 
     def detach(self, seq_id: str) -> Sequence:
         """Take a running sequence out of the batch but keep its blocks (its KV is being shipped);
-        `release_detached` frees them. It counts as finished here."""
+        `free` frees them. It counts as finished here."""
         seq = self._seqs.pop(seq_id)
         self.running.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = "handoff"
-        self.detached[seq_id] = seq
         return seq
 
-    def release_detached(self, seq_id: str) -> bool:
-        seq = self.detached.pop(seq_id, None)
-        if seq is None:
-            return False
-        self.block_manager.free(seq)
-        return True
-
-    # ---- disaggregation: the decode side -----------------------------------------------------
-
     def reserve(self, seq: Sequence) -> bool:
-        """Allocate blocks for a prompt whose KV will arrive from elsewhere. Raises ValueError if
-        it could never fit; returns False, holding nothing, if the blocks are not free now."""
+        """Allocate blocks, outside the batch, for a prompt whose KV will arrive from elsewhere.
+        Raises ValueError if it could never fit; returns False, holding nothing, if the blocks are
+        not free now."""
         self._validate(seq)
-        if seq.seq_id in self.reserved:
-            raise ValueError(f"seq_id: {seq.seq_id!r} is already reserved")
         if not self.block_manager.allocate_slots(seq, seq.num_prompt_tokens):
             return False
         seq.status = SequenceStatus.WAITING
-        self.reserved[seq.seq_id] = seq
         return True
 
-    def commit(self, seq_id: str, first_token: int) -> Sequence:
-        """The reserved prompt's KV has arrived: join the batch with its first token sampled."""
-        seq = self.reserved.pop(seq_id)
+    def join(self, seq: Sequence, first_token: int) -> Sequence:
+        """A reserved prompt's KV has arrived: it joins the batch with its first token sampled."""
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.block_manager.cache_full_blocks(seq)
         seq.output_token_ids.append(first_token)
         seq.arrival = next(self._arrivals)
         seq.status = SequenceStatus.RUNNING
-        self._seqs[seq_id] = seq
+        self._seqs[seq.seq_id] = seq
         self.running.append(seq)  # the newest running sequence
         self._check_stop(seq, first_token)
         return seq
 
-    def cancel_reservation(self, seq_id: str) -> bool:
-        seq = self.reserved.pop(seq_id, None)
-        if seq is None:
-            return False
+    def free(self, seq: Sequence) -> None:
+        """Free the blocks of a sequence held outside the batch (detached or reserved)."""
         self.block_manager.free(seq)
-        seq.num_computed_tokens = 0
-        return True
 
     def _num_to_schedule(self, seq: Sequence, budget: int) -> int:
         n = min(seq.num_uncomputed_tokens, budget)

@@ -140,7 +140,7 @@ class LLMEngine:
         self.eos_token_id = loaded.eos_token_id
         self._requests: dict[str, _RequestState] = {}
         self._seq_owner: dict[str, tuple[_RequestState, int]] = {}
-        self.handoffs = Handoffs(self.batcher)
+        self.handoffs = Handoffs(self.batcher, self.cache_config.block_size)
         logger.info(
             "engine ready: %s on %s/%s, %d KV blocks of %d tokens (%.1f MiB), backend %s",
             self.model_name,
@@ -412,10 +412,6 @@ class LLMEngine:
         out = req.outputs[0]
         self.handoffs.prompt_done(req.seqs[0], out.logprobs[0] if out.logprobs else None)
         self._release(req.seqs[0].seq_id)
-
-    def prefill_progress(self, request_id: str) -> tuple[list[int], int] | None:
-        """(block table, number of leading blocks whose KV is complete) of an outgoing prompt."""
-        return self.handoffs.progress(request_id, self.cache_config.block_size)
 
     def reserve_prefilled(
         self,

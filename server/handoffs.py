@@ -4,9 +4,9 @@ The engine owns one `Handoffs`; the worker's KV link drives it. One dict holds e
 
 - `Outgoing` (prefill side): created by `LLMEngine.add_request(handoff=True)`. While the prompt is
   computed its blocks belong to the batch; once its first token is sampled (`prompt_done`) the
-  sequence leaves the batch but keeps its blocks ("detached") until the handoff ends.
+  sequence leaves the batch and is held here, with its blocks, until the handoff ends.
 - `Incoming` (decode side): created by `LLMEngine.reserve_prefilled`, which allocates the blocks
-  the KV is written into; `commit` puts the sequence in the batch with those blocks.
+  the KV is written into and holds the sequence here; `commit` puts it in the batch.
 
 NOTE: blocks held outside the batch are freed in exactly two places here: `pop` (the receiver
 acknowledged, refused or aborted, the handoff stalled, the request was aborted) and
@@ -41,7 +41,8 @@ class Outgoing:
     endpoint: str = ""
     opened: bool | None = None  # None until KVOpenReply
     shipped: int = 0  # leading blocks already sent
-    handoff: Handoff | None = None  # set once the prompt is done (its blocks are detached)
+    handoff: Handoff | None = None  # set once the prompt is done
+    detached: Sequence | None = None  # the prompt's sequence, out of the batch, with its blocks
     done_sent: bool = False
     bytes_sent: int = 0
     first_sent: float | None = None  # when the first chunk went out
@@ -59,6 +60,7 @@ class Incoming:
 
     request_id: str
     peer: bytes
+    seq: Sequence  # outside the batch, holding the reserved blocks
     block_ids: list[int]
     received: set[int] = field(default_factory=set)
     last_activity: float = 0.0
@@ -69,8 +71,8 @@ class Incoming:
 
 
 class Handoffs:
-    def __init__(self, batcher: Batcher) -> None:
-        self._batcher = batcher
+    def __init__(self, batcher: Batcher, block_size: int) -> None:
+        self._batcher, self._block_size = batcher, block_size
         self._all: dict[str, Outgoing | Incoming] = {}
 
     def __contains__(self, request_id: str) -> bool:
@@ -110,10 +112,10 @@ class Handoffs:
         """End a handoff: forget it and free the blocks it holds outside the batch (a detached
         prompt, a reservation). A prompt still being computed keeps its blocks in the batch."""
         h = self._all.pop(request_id, None)
-        if isinstance(h, Outgoing) and h.handoff is not None:
-            self._batcher.release_detached(request_id)
+        if isinstance(h, Outgoing) and h.detached is not None:
+            self._batcher.free(h.detached)
         elif isinstance(h, Incoming):
-            self._batcher.cancel_reservation(request_id)
+            self._batcher.free(h.seq)
         return h
 
     # ---- prefill side -------------------------------------------------------------------------
@@ -122,7 +124,7 @@ class Handoffs:
         """A request just added with handoff: its KV goes elsewhere once computed."""
         self._all[request_id] = Outgoing(request_id)
 
-    def progress(self, request_id: str, block_size: int) -> tuple[list[int], int] | None:
+    def progress(self, request_id: str) -> tuple[list[int], int] | None:
         """(block table, number of leading blocks whose KV is complete) of an outgoing prompt, so
         its KV can be shipped before the prompt is done."""
         out = self.outgoing(request_id)
@@ -133,7 +135,7 @@ class Handoffs:
         seq = self._batcher.get(request_id)
         if seq is None:
             return None
-        done = min(seq.num_computed_tokens, seq.num_prompt_tokens) // block_size
+        done = min(seq.num_computed_tokens, seq.num_prompt_tokens) // self._block_size
         return list(seq.block_table), done
 
     def prompt_done(self, seq: Sequence, first_logprobs: tuple | None) -> None:
@@ -142,8 +144,9 @@ class Handoffs:
         self._batcher.detach(seq.seq_id)
         out = self.outgoing(seq.seq_id)
         if out is None:  # its decode side is gone: nothing to ship
-            self._batcher.release_detached(seq.seq_id)
+            self._batcher.free(seq)
             return
+        out.detached = seq
         out.handoff = Handoff(
             request_id=seq.seq_id,
             block_ids=list(seq.block_table),
@@ -159,12 +162,15 @@ class Handoffs:
         """Allocate blocks for a prompt whose KV comes from `peer`. Returns the block ids to
         write, or None (holding nothing) when they are not free now; ValueError if it could never
         fit."""
+        if seq.seq_id in self._all:
+            raise ValueError(f"seq_id: {seq.seq_id!r} is already handed off")
         if not self._batcher.reserve(seq):
             return None
-        self._all[seq.seq_id] = Incoming(seq.seq_id, peer, list(seq.block_table))
+        self._all[seq.seq_id] = Incoming(seq.seq_id, peer, seq, list(seq.block_table))
         return list(seq.block_table)
 
     def commit(self, request_id: str, first_token: int) -> Sequence:
         """The reserved prompt's KV is in place: the sequence joins the batch with its blocks."""
-        del self._all[request_id]
-        return self._batcher.commit(request_id, first_token)
+        h = self._all.pop(request_id)
+        assert isinstance(h, Incoming), request_id
+        return self._batcher.join(h.seq, first_token)

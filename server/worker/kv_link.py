@@ -129,7 +129,7 @@ class KVSender:
         for out in self.handoffs.all_outgoing():
             if not out.opened or out.done_sent:
                 continue
-            progress = self.engine.prefill_progress(out.request_id)
+            progress = self.engine.handoffs.progress(out.request_id)
             if progress is None:
                 continue
             blocks, ready = progress

@@ -278,18 +278,19 @@ def test_detached_sequence_keeps_its_blocks_until_released():
     seq = b.detach("a")
     assert not b.running and not b.has_unfinished and seq.finish_reason == "handoff"
     assert b.block_manager.num_used_blocks == 3
-    b.block_manager.check_invariants(b.live_seqs)
-    assert b.release_detached("a") and not b.release_detached("a")
+    b.block_manager.check_invariants([*b.live_seqs, seq])
+    b.free(seq)
     assert b.block_manager.num_used_blocks == 0
 
 
 def test_reserved_sequence_joins_the_batch_on_commit():
     b = make_batcher(num_blocks=4)
-    assert b.reserve(make_seq("a", 9, max_tokens=4))  # 3 blocks now, 4 at most
+    a = make_seq("a", 9, max_tokens=4)
+    assert b.reserve(a)  # 3 blocks now, 4 at most
     assert not b.reserve(make_seq("b", 9, max_tokens=4))  # not now, and it holds nothing
     assert b.block_manager.num_used_blocks == 3
-    b.block_manager.check_invariants(b.live_seqs)
-    seq = b.commit("a", first_token=7)
+    b.block_manager.check_invariants([*b.live_seqs, a])
+    seq = b.join(a, first_token=7)
     assert seq.num_computed_tokens == 9 and seq.output_token_ids == [7]
     batch, advanced = step(b)
     assert batch.num_new_tokens == [1] and advanced == [seq]  # decodes straight away
@@ -297,10 +298,11 @@ def test_reserved_sequence_joins_the_batch_on_commit():
     assert b.block_manager.num_used_blocks == 0
 
 
-def test_cancelled_reservation_frees_its_blocks():
+def test_freed_reservation_holds_nothing():
     b = make_batcher()
-    assert b.reserve(make_seq("a", 9))
-    assert b.cancel_reservation("a") and not b.cancel_reservation("a")
+    a = make_seq("a", 9)
+    assert b.reserve(a)
+    b.free(a)
     assert b.block_manager.num_used_blocks == 0
     with pytest.raises(ValueError, match="260 tokens need 65 KV blocks"):
         b.reserve(make_seq("big", 250, max_tokens=10))

@@ -38,7 +38,7 @@ def hand_over(p, d, rid, prompt, params, chunk=None):
     h = None
     while h is None:
         outs = p.step()
-        progress = p.prefill_progress(rid)
+        progress = p.handoffs.progress(rid)
         if progress is not None:  # ship complete blocks early, as the worker does
             src, ready = progress
             for b in range(shipped, ready):
