@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -16,58 +15,17 @@ from baton.scheduler.sampling_params import SamplingParams
 from baton.scheduler.sequence import Sequence
 from baton.server.config import EngineConfig, resolve_max_model_len
 from baton.server.detokenizer import IncrementalDetokenizer
-from baton.server.dtypes import TORCH_DTYPES
+from baton.server.device import resolve_device, resolve_dtype
 from baton.server.handoffs import Handoffs
-from baton.server.kv_cache import (
-    activation_bytes,
-    block_bytes,
-    cuda_kv_budget,
-    max_useful_blocks,
-    num_blocks_for_budget,
-)
+from baton.server.kv_cache import block_bytes, size_kv_cache
 from baton.server.loader import load_model
 from baton.server.model_runner import ModelRunner
 from baton.server.outputs import CacheStats, CompletionOutput, RequestOutput
+from baton.server.request_state import RequestState
 from baton.server.wire.kv_blocks import layout_of
 from baton.server.wire.messages import KVLayout
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device: 'cuda' was asked for but no CUDA device is available")
-    return dev
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return TORCH_DTYPES[dtype]
-
-
-@dataclass
-class _RequestState:
-    """One request in the engine: its n sequences, and what it has returned of each."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    seqs: list[Sequence]
-    detoks: list[IncrementalDetokenizer | None]
-    # NOTE: their token_ids stay empty: `_snapshot` takes them from `seqs`, the one copy.
-    outputs: list[CompletionOutput] = field(default_factory=list)
-    num_prior: int = 0  # leading output tokens generated elsewhere (a resume): not returned
-    handoff: bool = False  # prefill role: hand the KV over after the first token
-    arrival_time: float = field(default_factory=time.monotonic)
-    queue_time: float | None = None  # arrival to the first step that ran any of its tokens
-
-    @property
-    def finished(self) -> bool:
-        return all(o.finished for o in self.outputs)
 
 
 class LLMEngine:
@@ -96,16 +54,7 @@ class LLMEngine:
         )
         num_blocks = config.num_kv_blocks
         if num_blocks is None:
-            budgeted = num_blocks_for_budget(self._kv_budget_bytes(config, mc), per_block)
-            useful = max_useful_blocks(config.max_num_seqs, self.max_model_len, config.block_size)
-            num_blocks = min(budgeted, useful)
-            if useful < budgeted:
-                logger.info(
-                    "KV cache: %d blocks fit the budget; keeping %d (every sequence at its "
-                    "longest, twice over)",
-                    budgeted,
-                    useful,
-                )
+            num_blocks = size_kv_cache(config, mc, self.dtype, self.device, self.max_model_len)
         self.cache_config = CacheConfig(
             num_blocks=num_blocks,
             block_size=config.block_size,
@@ -138,8 +87,8 @@ class LLMEngine:
             cpu_linear=config.cpu_linear,
         )
         self.eos_token_id = loaded.eos_token_id
-        self._requests: dict[str, _RequestState] = {}
-        self._seq_owner: dict[str, tuple[_RequestState, int]] = {}
+        self._requests: dict[str, RequestState] = {}
+        self._seq_owner: dict[str, tuple[RequestState, int]] = {}
         self.handoffs = Handoffs(self.batcher, self.cache_config.block_size)
         logger.info(
             "engine ready: %s on %s/%s, %d KV blocks of %d tokens (%.1f MiB), backend %s",
@@ -151,20 +100,6 @@ class LLMEngine:
             num_blocks * per_block / 2**20,
             self.runner.backend.name,
         )
-
-    def _kv_budget_bytes(self, config: EngineConfig, mc) -> int:
-        if self.device.type != "cuda":
-            return int(config.kv_cache_gib * 2**30)
-        activations = activation_bytes(
-            mc.hidden_size,
-            mc.intermediate_size,
-            (mc.num_attention_heads + 2 * mc.num_key_value_heads) * mc.head_dim,
-            mc.vocab_size,
-            max(config.max_num_batched_tokens, self.max_model_len),
-            config.max_num_seqs,
-            torch.empty((), dtype=self.dtype).element_size(),
-        )
-        return cuda_kv_budget(self.device, config.gpu_memory_utilization, activations)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -227,7 +162,7 @@ class LLMEngine:
                 if self.tokenizer is not None and self.config.detokenize
                 else None
             )
-        req = _RequestState(
+        req = RequestState(
             request_id,
             prompt if isinstance(prompt, str) else None,
             token_ids,
@@ -279,7 +214,7 @@ class LLMEngine:
             self._release(seq.seq_id)
             if not out.finished:
                 out.finish_reason = "abort"
-        return self._snapshot(req)
+        return req.snapshot()
 
     def abort_all(self) -> list[str]:
         """Abort every request, handed-off prompt and reservation; returns their ids."""
@@ -306,18 +241,23 @@ class LLMEngine:
         samples = self.runner.execute(batch)
         advanced = self.batcher.update(batch, {sid: r.token_id for sid, r in samples.items()})
         self._mark_scheduled(batch.seqs, now)
-        touched: dict[str, _RequestState] = {}
+        touched: dict[str, RequestState] = {}
         for out in self._all_outputs():
             out.text_delta, out.token_ids_delta = "", []
         for seq in advanced:
             req, i = self._seq_owner[seq.seq_id]
-            self._record(req, i, seq, samples[seq.seq_id])
+            stop_hit = req.record(i, seq, samples[seq.seq_id])
+            if stop_hit is not None:
+                self.batcher.finish(seq.seq_id, "stop", stop_reason=stop_hit)
+            if seq.is_finished:
+                req.finish(i, seq)
+                self._release(seq.seq_id)
             touched[req.request_id] = req
         results = []
         for req in touched.values():
             if req.handoff and not req.finished:
                 self._detach(req)
-            results.append(self._snapshot(req))
+            results.append(req.snapshot())
             if req.finished or req.handoff:
                 del self._requests[req.request_id]
         return results
@@ -332,48 +272,9 @@ class LLMEngine:
         for req in self._requests.values():
             yield from req.outputs
 
-    def _record(self, req: _RequestState, i: int, seq: Sequence, sample) -> None:
-        out, detok = req.outputs[i], req.detoks[i]
-        token = seq.output_token_ids[-1]
-        out.token_ids_delta.append(token)
-        if sample.logprob is not None:
-            if out.logprobs is None:
-                out.logprobs = []
-            out.logprobs.append((token, sample.logprob, sample.top_logprobs or []))
-        if detok is not None:
-            delta = detok.add(token)
-            if detok.stop_hit is not None and not seq.is_finished:
-                self.batcher.finish(seq.seq_id, "stop", stop_reason=detok.stop_hit)
-            elif seq.is_finished and detok.stop_hit is None:
-                delta += detok.flush()
-            out.text_delta += delta
-            out.text = detok.text
-        if seq.is_finished:
-            out.finish_reason = seq.finish_reason
-            out.stop_reason = seq.stop_reason
-            self._release(seq.seq_id)
-
     def _release(self, seq_id: str) -> None:
         self.runner.release(seq_id)
         self._seq_owner.pop(seq_id, None)
-
-    def _snapshot(self, req: _RequestState) -> RequestOutput:
-        return RequestOutput(
-            request_id=req.request_id,
-            prompt=req.prompt,
-            prompt_token_ids=req.prompt_token_ids,
-            outputs=[
-                dataclasses.replace(
-                    o,
-                    token_ids=seq.output_token_ids[req.num_prior :],
-                    logprobs=list(o.logprobs) if o.logprobs else o.logprobs,
-                )
-                for seq, o in zip(req.seqs, req.outputs, strict=True)
-            ],
-            finished=req.finished,
-            num_cached_tokens=req.seqs[0].num_cached_tokens,
-            queue_time=req.queue_time,
-        )
 
     # ---- what a worker reads ---------------------------------------------------------------
 
@@ -408,7 +309,7 @@ class LLMEngine:
 
     # ---- disaggregation (the state lives in `handoffs`) ---------------------------------------
 
-    def _detach(self, req: _RequestState) -> None:
+    def _detach(self, req: RequestState) -> None:
         out = req.outputs[0]
         self.handoffs.prompt_done(req.seqs[0], out.logprobs[0] if out.logprobs else None)
         self._release(req.seqs[0].seq_id)
@@ -439,7 +340,7 @@ class LLMEngine:
         """The reserved prompt's KV is in place: decode from its first token on. Returns an
         output only if the first token already ends the request."""
         seq = self.handoffs.commit(request_id, first_token)
-        req = _RequestState(
+        req = RequestState(
             request_id, None, list(seq.prompt_token_ids), [seq], [None], queue_time=0.0
         )
         out = CompletionOutput(index=0)
@@ -448,7 +349,7 @@ class LLMEngine:
         req.outputs.append(out)
         if seq.is_finished:
             out.finish_reason, out.stop_reason = seq.finish_reason, seq.stop_reason
-            return self._snapshot(req)
+            return req.snapshot()
         self._requests[request_id] = req
         self._seq_owner[seq.seq_id] = (req, 0)
         return None

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 # NOTE: one block holds every layer's K and V contiguously, so a block ships as one chunk.
 # Layout: [num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim].
@@ -86,3 +90,36 @@ def max_useful_blocks(max_num_seqs: int, max_model_len: int, block_size: int) ->
     (the second half keeps prefixes cached). A tiny model on a large GPU would otherwise get
     millions of blocks, each a Python object in the block manager."""
     return 2 * max_num_seqs * -(-max_model_len // block_size)
+
+
+def size_kv_cache(config, mc, dtype: torch.dtype, device: torch.device, max_model_len: int) -> int:
+    """Blocks for an engine with `config` (an EngineConfig) serving a model with config `mc`:
+    what the budget holds (`kv_cache_gib` on CPU; on CUDA, what the device has left after the
+    weights and a step's activations), capped at `max_useful_blocks`."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if device.type != "cuda":
+        budget = int(config.kv_cache_gib * 2**30)
+    else:
+        activations = activation_bytes(
+            mc.hidden_size,
+            mc.intermediate_size,
+            (mc.num_attention_heads + 2 * mc.num_key_value_heads) * mc.head_dim,
+            mc.vocab_size,
+            max(config.max_num_batched_tokens, max_model_len),
+            config.max_num_seqs,
+            itemsize,
+        )
+        budget = cuda_kv_budget(device, config.gpu_memory_utilization, activations)
+    per_block = block_bytes(
+        mc.num_hidden_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, dtype
+    )
+    budgeted = num_blocks_for_budget(budget, per_block)
+    useful = max_useful_blocks(config.max_num_seqs, max_model_len, config.block_size)
+    if useful < budgeted:
+        logger.info(
+            "KV cache: %d blocks fit the budget; keeping %d (every sequence at its longest, "
+            "twice over)",
+            budgeted,
+            useful,
+        )
+    return min(budgeted, useful)
