@@ -32,8 +32,8 @@ import time
 from pathlib import Path
 
 import httpx
+from bench.kv_ttft import token_marks
 from common import RESULTS_DIR, save_result, served
-from kv_transfer import token_marks
 
 from baton.bench.plots import pyplot
 

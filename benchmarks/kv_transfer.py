@@ -23,7 +23,6 @@ decode worker's first, after the handoff.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import random
 import statistics
@@ -33,13 +32,15 @@ from dataclasses import dataclass
 
 import torch
 import zmq
-from common import save_result, served
+from bench.kv_ttft import ttft_section
+from common import save_result
 
 from baton.scheduler.sampling_params import SamplingParams
 from baton.server.kv_cache import allocate_kv_cache, block_bytes
 from baton.server.wire import codec
 from baton.server.wire import messages as m
 from baton.server.wire.kv_blocks import block_frames, frames_checksum, layout_of, write_blocks
+from baton.server.wire.params import params_to_dict
 
 SIZES_MIB = [1, 4, 16, 64, 256, 1024]
 GB = 1e9  # throughput in decimal GB/s
@@ -93,7 +94,7 @@ def sender(endpoint: str, plan: list[int], repeats: int, chunk_blocks: int, tota
     cache = shape.cache(total)
     fill(cache, seed=0)
     layout = layout_of(cache)
-    params = m.params_to_dict(SamplingParams(max_tokens=1))
+    params = params_to_dict(SamplingParams(max_tokens=1))
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -286,86 +287,6 @@ def print_table(rows: list[dict], methods: list[str]) -> None:
         size = f"{r['bytes'] / 2**20:.1f} MiB"
         cells = "".join(f" {r[k]['gbps']:>18.2f}" for k in methods)
         print(f"{size:>9} {r['blocks']:>7}{cells}")
-
-
-# ---- time to first token through `baton serve` -------------------------------------------------
-
-
-def token_marks(client, url: str, model: str, prompt: list[int], n: int) -> tuple[list, float]:
-    """One streamed greedy completion of exactly `n` tokens: the seconds at which each token
-    event arrived, and the seconds to the end of the stream (client-side)."""
-    body = {"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0}
-    body |= {"ignore_eos": True, "stream": True}
-    marks = []
-    t0 = time.perf_counter()
-    with client.stream("POST", url + "/v1/completions", json=body) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            if json.loads(line[6:])["choices"]:
-                marks.append(time.perf_counter() - t0)
-    if len(marks) != n:
-        raise RuntimeError(f"expected {n} streamed tokens, one per event, got {len(marks)}")
-    return marks, time.perf_counter() - t0
-
-
-def stream_times(client, url: str, model: str, prompt: list[int]) -> tuple[float, float]:
-    """(seconds to the first token, seconds to the second) of one streamed completion."""
-    marks, _ = token_marks(client, url, model, prompt, 3)
-    return marks[0], marks[1]
-
-
-def ttft_section(args) -> dict:
-    import httpx  # only this section talks HTTP
-
-    rng = random.Random(0)
-    rows = {n: {"prompt_tokens": n} for n in args.prompt_lens}
-    for mode in ("colocated", "disagg"):
-        with served(args, mode) as url, httpx.Client(timeout=600) as client:
-            model = client.get(url + "/v1/models").json()["data"][0]["id"]
-
-            def prompt(n: int) -> list[int]:
-                return [rng.randrange(1000, 30000) for _ in range(n)]
-
-            stream_times(client, url, model, prompt(64))  # warm-up, untimed
-            for n in args.prompt_lens:
-                stream_times(client, url, model, prompt(n))  # this length's first, untimed
-                got = [stream_times(client, url, model, prompt(n)) for _ in range(args.repeats)]
-                first, second = [g[0] for g in got], [g[1] for g in got]
-                rows[n][mode] = {
-                    "ttft_median_s": statistics.median(first),
-                    "second_token_median_s": statistics.median(second),
-                    "ttft_s": first,
-                    "second_token_s": second,
-                }
-                print(
-                    f"{mode:>9} {n:>5} tokens: TTFT {rows[n][mode]['ttft_median_s'] * 1e3:.1f} ms"
-                )
-    for row in rows.values():
-        c, d = row["colocated"], row["disagg"]
-        row["added_ttft_s"] = d["ttft_median_s"] - c["ttft_median_s"]
-        row["added_second_token_s"] = d["second_token_median_s"] - c["second_token_median_s"]
-    print("\nDisagg vs colocated, median of repeats, ms")
-    cols = ("TTFT coloc", "TTFT disagg", "added", "2nd coloc", "2nd disagg", "added")
-    print(f"{'prompt':>7}" + "".join(f" {c:>12}" for c in cols))
-    for r in rows.values():
-        c, d = r["colocated"], r["disagg"]
-        ms = [
-            c["ttft_median_s"],
-            d["ttft_median_s"],
-            r["added_ttft_s"],
-            c["second_token_median_s"],
-            d["second_token_median_s"],
-            r["added_second_token_s"],
-        ]
-        print(f"{r['prompt_tokens']:>7}" + "".join(f" {x * 1e3:>12.1f}" for x in ms))
-    return {
-        "model": args.model,
-        "device": args.device,
-        "dtype": args.dtype,
-        "rows": list(rows.values()),
-    }
 
 
 def main() -> None:

@@ -107,7 +107,8 @@ def run_worker(args) -> int:
     apply_thread_plan(threads)
 
     from baton.server.worker.config import WorkerConfig
-    from baton.server.worker.worker import RegistrationError, Worker
+    from baton.server.worker.registration import RegistrationError
+    from baton.server.worker.worker import Worker
 
     kw = {"worker_id": args.worker_id} if args.worker_id else {}
     cfg = WorkerConfig(

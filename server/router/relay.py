@@ -21,6 +21,7 @@ from baton.server.api.cluster import NoWorkerAvailable, Overloaded, RequestFaile
 from baton.server.router.config import RouterConfig
 from baton.server.router.stream import Attempt, Stream, WorkerLost
 from baton.server.wire import messages as m
+from baton.server.wire.params import params_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class RequestRelay:
         gen = m.Generate(
             request_id=wire_id,
             prompt_token_ids=stream.prompt_token_ids,
-            params=m.params_to_dict(stream.params),
+            params=params_to_dict(stream.params),
             decode_worker_id=decode.worker_id if decode else "",
             decode_endpoint=decode.kv_endpoint if decode else "",
             prior_output_ids=list(stream.generated),

@@ -19,6 +19,7 @@ from baton.server.wire import codec
 from baton.server.wire import messages as m
 from baton.server.wire.kv_blocks import block_frames, frames_checksum, write_blocks
 from baton.server.wire.logprobs import logprob_from_wire, logprob_to_wire
+from baton.server.wire.params import params_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +271,7 @@ class KVReceiver:
             self._refuse(peer, rid, "draining")
             return
         try:
-            params = m.params_from_dict(msg.params)
+            params = params_from_dict(msg.params)
             if msg.layout != self.engine.kv_layout:
                 raise ValueError("KV layout differs from this worker's")
             dst = self.engine.reserve_prefilled(rid, msg.prompt_token_ids, params, peer)

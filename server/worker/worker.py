@@ -17,28 +17,24 @@ import os
 import threading
 import time
 
-import torch
 import zmq
 
 from baton.server.engine import LLMEngine
-from baton.server.host_cpu import format_cpu_list, usable_cpus
 from baton.server.outputs import RequestOutput
 from baton.server.wire import codec, curve
 from baton.server.wire import messages as m
 from baton.server.wire.logprobs import logprob_to_wire
+from baton.server.wire.params import params_from_dict
 from baton.server.worker.config import WorkerConfig
 from baton.server.worker.health import HealthServer
 from baton.server.worker.kv_link import KVReceiver, KVSender
+from baton.server.worker.registration import await_acceptance, register_message
 
 logger = logging.getLogger(__name__)
 
 # NOTE: with nothing to run, the loop wakes this often for its timers (handoff stalls, the
 # parent check); messages wake it at once. Idle, a worker then uses ~0.1% of a core.
 IDLE_POLL_MS = 100
-
-
-class RegistrationError(RuntimeError):
-    """The router refused this worker, or never answered its registration."""
 
 
 class Worker:
@@ -115,63 +111,11 @@ class Worker:
     # ---- lifecycle ------------------------------------------------------------------------
 
     def register(self) -> None:
-        eng = self.engine
-        msg = m.Register(
-            worker_id=self.id,
-            role=self.config.role,
-            pid=os.getpid(),
-            host=self.config.kv_host,
-            model=eng.model_name,
-            layout=eng.kv_layout,
-            kv_endpoint=self.kv_endpoint,
-            max_model_len=eng.max_model_len,
-            num_blocks=eng.cache_config.num_blocks,
-            cpu=self._cpu(),
-        )
+        msg = register_message(self.config, self.engine, self.kv_endpoint)
         self.ctrl.send_multipart(codec.encode(msg), copy=False)
-        deadline = time.monotonic() + self.config.register_timeout_s
-        while time.monotonic() < deadline:
-            if not self.ctrl.poll(200):
-                continue
-            frames = self.ctrl.recv_multipart(copy=False)
-            try:
-                reply, _ = codec.decode(frames)
-            except codec.WireError as e:
-                self._check_router_version(frames)
-                logger.warning("dropped a malformed frame from the router: %s", e)
-                continue
-            if isinstance(reply, m.RegisterReply):
-                if not reply.accepted:
-                    raise RegistrationError(f"the router refused this worker: {reply.reason}")
-                logger.info("worker %s registered as %s", self.id, self.config.role)
-                self.registered = True
-                return
-        raise RegistrationError(f"no answer from the router at {self.config.router}")
-
-    @staticmethod
-    def _check_router_version(frames) -> None:
-        """A router of another protocol version answers a Register in its own version (one that
-        knows this worker's answers in this worker's): stop with both versions named."""
-        try:
-            name, version = codec.peek(frames)
-        except codec.WireError:
-            return
-        if name == m.RegisterReply.TYPE and version != codec.PROTOCOL_VERSION:
-            raise RegistrationError(
-                f"the router speaks protocol version {version}, this worker "
-                f"{codec.PROTOCOL_VERSION}: run the same Baton version on both"
-            )
-
-    def _cpu(self) -> m.WorkerCPU | None:
-        if self.engine.device.type != "cpu":
-            return None
-        plan = self.config.threads
-        return m.WorkerCPU(
-            threads=torch.get_num_threads(),
-            wait_policy=plan.wait_policy if plan is not None else "torch's default",
-            cpus=format_cpu_list(plan.cpus if plan is not None else usable_cpus()),
-            linear=self.engine.cpu_linear,
-        )
+        await_acceptance(self.ctrl, self.config)
+        logger.info("worker %s registered as %s", self.id, self.config.role)
+        self.registered = True
 
     def run(self) -> None:
         beats = threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True)
@@ -313,7 +257,7 @@ class Worker:
             return
         handoff = bool(msg.decode_endpoint)
         try:
-            params = m.params_from_dict(msg.params)
+            params = params_from_dict(msg.params)
             self.engine.add_request(
                 msg.request_id,
                 msg.prompt_token_ids,

@@ -19,6 +19,7 @@ from baton.server.api.cluster import NoWorkerAvailable, TokenEvent
 from baton.server.api.metrics import Metrics
 from baton.server.wire import codec
 from baton.server.wire import messages as m
+from baton.server.wire.params import params_to_dict
 
 MODEL = "fake-model"
 ALIAS = "fake"
@@ -102,7 +103,7 @@ class FakeCluster:
             m.Generate(
                 request_id=request_id,
                 prompt_token_ids=list(prompt_token_ids),
-                params=m.params_to_dict(params),
+                params=params_to_dict(params),
                 decode_worker_id="",
                 decode_endpoint="",
             )

@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 from baton.scheduler.sampling_params import SamplingParams
 from baton.server.wire import codec
 from baton.server.wire import messages as m
+from baton.server.wire.params import params_from_dict, params_to_dict
 
 LAYOUT = m.KVLayout(num_layers=30, block_size=16, num_kv_heads=3, head_dim=64, dtype="bfloat16")
-PARAMS = m.params_to_dict(SamplingParams(max_tokens=5, stop=["a"], stop_token_ids=[7], seed=3))
+PARAMS = params_to_dict(SamplingParams(max_tokens=5, stop=["a"], stop_token_ids=[7], seed=3))
 LOGPROB = [4, -0.5, [[4, -0.5], [9, -1.25]]]
 CHUNK = m.KVChunk(  # 8-byte blocks
     request_id="r",
@@ -360,12 +361,12 @@ def test_generate_round_trips_with_its_params(ids, params):
     msg = m.Generate(
         request_id="req",
         prompt_token_ids=ids,
-        params=m.params_to_dict(params),
+        params=params_to_dict(params),
         decode_worker_id="d",
         decode_endpoint="ipc://x",
     )
     got, _ = codec.decode(codec.encode(msg))
-    assert got == msg and m.params_from_dict(got.params) == params
+    assert got == msg and params_from_dict(got.params) == params
 
 
 def test_messages_take_keywords_only():

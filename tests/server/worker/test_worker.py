@@ -15,11 +15,12 @@ from baton import SamplingParams
 from baton.server.config import EngineConfig
 from baton.server.wire import codec
 from baton.server.wire import messages as m
+from baton.server.wire.params import params_to_dict
 from baton.server.worker.config import WorkerConfig
 from baton.server.worker.worker import Worker
 
 PROMPT = list(range(5, 45))  # 40 tokens: 3 blocks of 16
-PARAMS = m.params_to_dict(SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+PARAMS = params_to_dict(SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
 OPENED = m.KVOpenReply(request_id="r1", ok=True, reason="")
 
 
