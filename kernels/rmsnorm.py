@@ -14,6 +14,16 @@ _MAX_BLOCK = 4096
 
 
 @triton.jit
+def _input_row(x_ptr, res_ptr, out_ptr, row, s_x, s_res, cols, mask, HAS_RES: tl.constexpr):
+    """x (+ residual, rounded to the model dtype as layers.RMSNorm adds in it), in fp32."""
+    h = tl.load(x_ptr + row * s_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * s_res + cols, mask=mask, other=0.0).to(tl.float32)
+        h = (h + r).to(out_ptr.dtype.element_ty).to(tl.float32)
+    return h
+
+
+@triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     s_x, s_res, s_out, s_res_out, N, eps,
@@ -25,11 +35,8 @@ def _rms_norm_kernel(
     for start in range(0, N, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < N
-        h = tl.load(x_ptr + row * s_x + cols, mask=mask, other=0.0).to(tl.float32)
+        h = _input_row(x_ptr, res_ptr, out_ptr, row, s_x, s_res, cols, mask, HAS_RES)
         if HAS_RES:
-            r = tl.load(res_ptr + row * s_res + cols, mask=mask, other=0.0).to(tl.float32)
-            # x + residual is rounded to the model dtype, as layers.RMSNorm adds in it
-            h = (h + r).to(dtype).to(tl.float32)
             tl.store(res_out_ptr + row * s_res_out + cols, h.to(dtype), mask=mask)
         acc += h * h
     rstd = tl.rsqrt(tl.sum(acc, axis=0) / N + eps)
@@ -37,10 +44,7 @@ def _rms_norm_kernel(
         cols = start + tl.arange(0, BLOCK)
         mask = cols < N
         # NOTE: the sum is recomputed from the inputs, not re-read from res_out: no barrier needed
-        h = tl.load(x_ptr + row * s_x + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_RES:
-            r = tl.load(res_ptr + row * s_res + cols, mask=mask, other=0.0).to(tl.float32)
-            h = (h + r).to(dtype).to(tl.float32)
+        h = _input_row(x_ptr, res_ptr, out_ptr, row, s_x, s_res, cols, mask, HAS_RES)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         # weight * normed.to(dtype): the same two roundings as layers.RMSNorm
         y = w * (h * rstd).to(dtype).to(tl.float32)
