@@ -59,13 +59,14 @@ class Batcher:
 
     def add(self, seq: Sequence) -> None:
         """Queue a new sequence; raises ValueError, changing nothing, if it could never fit."""
-        self._validate(seq)
+        self.check(seq)
         seq.arrival = next(self._arrivals)
         seq.status = SequenceStatus.WAITING
         self._seqs[seq.seq_id] = seq
         self.waiting.append(seq)
 
-    def _validate(self, seq: Sequence) -> None:
+    def check(self, seq: Sequence) -> None:
+        """ValueError, changing nothing, if `seq` could never run here."""
         if seq.seq_id in self._seqs:
             raise ValueError(f"seq_id: {seq.seq_id!r} is already scheduled")
         if not seq.prompt_token_ids:
@@ -104,7 +105,7 @@ class Batcher:
         """Allocate blocks, outside the batch, for a prompt whose KV will arrive from elsewhere.
         Raises ValueError if it could never fit; returns False, holding nothing, if the blocks are
         not free now."""
-        self._validate(seq)
+        self.check(seq)
         if not self.block_manager.allocate_slots(seq, seq.num_prompt_tokens):
             return False
         seq.status = SequenceStatus.WAITING

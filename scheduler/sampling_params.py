@@ -6,6 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20
+# What a constraint may be (see baton.server.guided): a JSON schema, a regex, or a Lark grammar.
+GUIDED_KINDS = ("json", "regex", "lark")
+MAX_GUIDED_SPEC_BYTES = 1 << 17  # UTF-8 bytes: what a worker compiles, and the wire carries
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,11 @@ class SamplingParams:
     logprobs: int | None = None  # top-k logprobs per generated token
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Structured output: every token stays inside `guided_spec`, read as `guided` says (empty:
+    # free text). `guided_compact`: JSON without optional whitespace.
+    guided: str = ""
+    guided_spec: str = ""
+    guided_compact: bool = False
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -116,6 +124,16 @@ class SamplingParams:
             or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
             raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
+
+        if self.guided not in ("", *GUIDED_KINDS):
+            raise bad("guided", f"must be one of {GUIDED_KINDS} or empty")
+        if not isinstance(self.guided_spec, str) or bool(self.guided) != bool(self.guided_spec):
+            raise bad("guided_spec", "must be a non-empty string exactly when guided is set")
+        if len(self.guided_spec.encode()) > MAX_GUIDED_SPEC_BYTES:
+            raise ValueError(
+                f"guided_spec: {len(self.guided_spec.encode())} bytes exceed "
+                f"{MAX_GUIDED_SPEC_BYTES}"
+            )
 
     def choice(self, i: int) -> SamplingParams:
         """Choice `i` of an n-way request, run as a sequence of its own: n == 1 and, with a seed,

@@ -16,6 +16,7 @@ from baton.scheduler.sequence import Sequence
 from baton.server.config import EngineConfig, resolve_max_model_len
 from baton.server.detokenizer import IncrementalDetokenizer
 from baton.server.device import resolve_device, resolve_dtype
+from baton.server.guided.decoding import GuidedDecoding
 from baton.server.handoffs import Handoffs
 from baton.server.kv_cache import block_bytes, size_kv_cache
 from baton.server.loader import load_model
@@ -90,6 +91,9 @@ class LLMEngine:
         self._requests: dict[str, RequestState] = {}
         self._seq_owner: dict[str, tuple[RequestState, int]] = {}
         self.handoffs = Handoffs(self.batcher, self.cache_config.block_size)
+        eos_ids = [self.eos_token_id, *mc.eos_token_ids]
+        self.guided = GuidedDecoding(loaded.model_dir, mc.vocab_size, list(dict.fromkeys(eos_ids)))
+        self._held: list[Sequence] = []  # constrained sequences whose grammar is compiling
         logger.info(
             "engine ready: %s on %s/%s, %d KV blocks of %d tokens (%.1f MiB), backend %s",
             self.model_name,
@@ -172,7 +176,16 @@ class LLMEngine:
             num_prior=len(prior),
             handoff=handoff,
         )
-        for seq in seqs:  # Batcher.add validates before anything is allocated
+        if params.guided:
+            self.guided.check(params)
+        for seq in seqs:  # validated before anything is allocated
+            self.batcher.check(seq)
+        for seq in seqs:
+            if params.guided:
+                self.guided.start(seq.seq_id, seq.params, replay=prior)
+                if not self.guided.ready(seq.seq_id):
+                    self._held.append(seq)
+                    continue
             self.batcher.add(seq)
         self._requests[request_id] = req
         for i, seq in enumerate(seqs):
@@ -205,12 +218,15 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> RequestOutput | None:
         h = self.handoffs.pop(request_id)
         if h is not None and request_id not in self._requests:
+            self.guided.release(request_id)
             return None  # its blocks (detached or reserved) are freed
         req = self._requests.pop(request_id, None)
         if req is None:
             return None
         for seq, out in zip(req.seqs, req.outputs, strict=True):
             self.batcher.abort(seq.seq_id)
+            if seq in self._held:
+                self._held.remove(seq)
             self._release(seq.seq_id)
             if not out.finished:
                 out.finish_reason = "abort"
@@ -235,10 +251,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One model step. Returns an output (with this step's deltas) per request it advanced."""
         now = time.monotonic()
+        failed = self._admit_held()
         batch = self.batcher.schedule()
         if not batch.seqs:
-            return []
-        samples = self.runner.execute(batch)
+            return failed
+        samples = self.runner.execute(batch, self.guided)
         advanced = self.batcher.update(batch, {sid: r.token_id for sid, r in samples.items()})
         self._mark_scheduled(batch.seqs, now)
         touched: dict[str, RequestState] = {}
@@ -246,6 +263,8 @@ class LLMEngine:
             out.text_delta, out.token_ids_delta = "", []
         for seq in advanced:
             req, i = self._seq_owner[seq.seq_id]
+            if self.guided.accept(seq.seq_id, seq.output_token_ids[-1]) and not seq.is_finished:
+                self.batcher.finish(seq.seq_id, "stop")  # the grammar is complete
             stop_hit = req.record(i, seq, samples[seq.seq_id])
             if stop_hit is not None:
                 self.batcher.finish(seq.seq_id, "stop", stop_reason=stop_hit)
@@ -253,7 +272,7 @@ class LLMEngine:
                 req.finish(i, seq)
                 self._release(seq.seq_id)
             touched[req.request_id] = req
-        results = []
+        results = failed
         for req in touched.values():
             if req.handoff and not req.finished:
                 self._detach(req)
@@ -261,6 +280,25 @@ class LLMEngine:
             if req.finished or req.handoff:
                 del self._requests[req.request_id]
         return results
+
+    def _admit_held(self) -> list[RequestOutput]:
+        """Constrained sequences whose grammar is ready join the batch (waiting for one when
+        nothing else could run); a grammar that failed aborts its request."""
+        failed = []
+        for seq in list(self._held):
+            wait = not self.batcher.has_unfinished and seq is self._held[0]
+            try:
+                if not self.guided.ready(seq.seq_id, wait=wait):
+                    continue
+            except ValueError as e:
+                logger.error("request %s: %s", seq.seq_id, e)
+                rid = self._seq_owner[seq.seq_id][0].request_id
+                out = self.abort_request(rid)
+                failed += [out] if out is not None else []
+                continue
+            self._held.remove(seq)
+            self.batcher.add(seq)
+        return failed
 
     def _mark_scheduled(self, seqs: list[Sequence], now: float) -> None:
         for seq in seqs:
@@ -274,6 +312,7 @@ class LLMEngine:
 
     def _release(self, seq_id: str) -> None:
         self.runner.release(seq_id)
+        self.guided.release(seq_id)
         self._seq_owner.pop(seq_id, None)
 
     # ---- what a worker reads ---------------------------------------------------------------
@@ -331,8 +370,13 @@ class LLMEngine:
         if not ids:
             raise ValueError("prompt: must not be empty")
         params = self._bound_params(params, len(ids))
+        if params.guided:
+            self.guided.check(params)
         seq = Sequence(request_id, ids, params, eos_token_id=self.eos_token_id)
-        return self.handoffs.reserve(seq, peer)
+        blocks = self.handoffs.reserve(seq, peer)
+        if blocks is not None and params.guided:  # compiles while the KV arrives
+            self.guided.start(request_id, params, replay=[])
+        return blocks
 
     def commit_prefilled(
         self, request_id: str, first_token: int, first_logprobs: tuple | list | None = None
@@ -340,6 +384,14 @@ class LLMEngine:
         """The reserved prompt's KV is in place: decode from its first token on. Returns an
         output only if the first token already ends the request."""
         seq = self.handoffs.commit(request_id, first_token)
+        if seq.params.guided and not seq.is_finished:
+            try:
+                self.guided.ready(request_id, wait=True)
+            except ValueError as e:
+                logger.error("request %s: %s", request_id, e)
+                self.batcher.finish(request_id, "abort")
+            if self.guided.accept(request_id, first_token) and not seq.is_finished:
+                self.batcher.finish(request_id, "stop")  # the first token completes the grammar
         req = RequestState(
             request_id, None, list(seq.prompt_token_ids), [seq], [None], queue_time=0.0
         )
@@ -349,6 +401,7 @@ class LLMEngine:
         req.outputs.append(out)
         if seq.is_finished:
             out.finish_reason, out.stop_reason = seq.finish_reason, seq.stop_reason
+            self.guided.release(request_id)
             return req.snapshot()
         self._requests[request_id] = req
         self._seq_owner[seq.seq_id] = (req, 0)

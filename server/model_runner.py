@@ -82,8 +82,9 @@ class ModelRunner:
             self.graphs.capture()
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> dict[str, SampleResult]:
-        """Run one step; returns a sample for every sequence that reached its last known token."""
+    def execute(self, batch: ScheduledBatch, guided=None) -> dict[str, SampleResult]:
+        """Run one step; returns a sample for every sequence that reached its last known token.
+        `guided` (a GuidedDecoding) masks the tokens of constrained sequences."""
         inputs = self.inputs.prepare(batch)
         if inputs is None:
             return {}
@@ -97,7 +98,8 @@ class ModelRunner:
         if not inputs.sample_seqs:
             return {}
         logits = self.model.compute_logits(hidden[inputs.sample_rows])
-        results = self.sampler(logits, inputs.sample_seqs)
+        allowed = guided.bitmask([s.seq_id for s in inputs.sample_seqs]) if guided else None
+        results = self.sampler(logits, inputs.sample_seqs, allowed)
         return {s.seq_id: r for s, r in zip(inputs.sample_seqs, results, strict=True)}
 
     def release(self, seq_id: str) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from baton.scheduler.sequence import Sequence
+from baton.server.guided.bitmask import apply_bitmask
 
 
 @dataclass
@@ -134,7 +135,13 @@ class Sampler:
             self._generators[seq.seq_id] = gen
         return gen
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        allowed: tuple[list[int], torch.Tensor] | None = None,
+    ) -> list[SampleResult]:
+        """`allowed`: (rows, bitmask) of the constrained rows (see baton.server.guided)."""
         # logits: [N, V]
         n, vocab = logits.shape
         assert n == len(seqs), f"{n} rows of logits for {len(seqs)} sequences"
@@ -150,6 +157,9 @@ class Sampler:
 
         logits = self._penalize(logits, seqs)
         logits = self._mask_min_tokens(logits, seqs)
+        if allowed is not None:
+            rows, bitmask = allowed
+            logits = apply_bitmask(logits, _to_device(rows, torch.long, device), bitmask)
 
         sample_rows = [i for i, p in enumerate(params) if not p.greedy]
         if not sample_rows:
@@ -192,7 +202,7 @@ class Sampler:
         cols: list[int] = []
         for i, s in enumerate(seqs):
             p = s.params
-            if s.num_output_tokens >= p.min_tokens:
+            if s.num_output_tokens >= p.min_tokens or p.guided:  # a grammar says when it ends
                 continue
             banned = set(p.stop_token_ids)
             if s.eos_token_id is not None and not p.ignore_eos:

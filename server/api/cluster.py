@@ -51,7 +51,8 @@ class Overloaded(Exception):
 
 class RequestFailed(Exception):
     """The request was placed but could not be finished (no worker left to resume it, its
-    deadline passed): `status` is the HTTP status it maps to (503, 504, 500)."""
+    deadline passed, a worker refused it): `status` is the HTTP status it maps to (503, 504, 500,
+    or 400 when the request itself is invalid)."""
 
     def __init__(self, message: str, status: int = 500) -> None:
         super().__init__(message)

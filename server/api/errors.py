@@ -111,7 +111,8 @@ def cluster_error(exc: Exception) -> APIError | None:
     if isinstance(exc, Overloaded):
         return APIError(429, f"server busy: {exc}; retry later", code="overloaded", headers=retry)
     if isinstance(exc, RequestFailed):
-        code = {503: "no_worker_available", 504: "request_timeout"}.get(exc.status, "failed")
+        codes = {400: None, 503: "no_worker_available", 504: "request_timeout"}
+        code = codes.get(exc.status, "failed")
         return APIError(
             exc.status, str(exc), code=code, headers=retry if exc.status == 503 else None
         )

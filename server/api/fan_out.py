@@ -72,6 +72,7 @@ class FanOut:
             self.choices.append(_Choice(i, rid, sub, detok, params.max_tokens))
         self._queue: asyncio.Queue[Delta | Exception] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
+        self._first: Delta | Exception | None = None  # taken early by wait_first
 
     @property
     def num_generated_tokens(self) -> int:
@@ -93,11 +94,20 @@ class FanOut:
         self.metrics.observe_prompt(len(self.prompt_token_ids))
         self._tasks = [asyncio.create_task(self._read_choice(c)) for c in self.choices]
 
+    async def wait_first(self) -> Delta | Exception:
+        """The first delta or failure, without consuming it (`deltas` starts with it)."""
+        if self._first is None:
+            self._first = await self._queue.get()
+        return self._first
+
     async def deltas(self) -> AsyncIterator[Delta]:
         """Every choice's deltas as they come, until each has finished."""
         remaining = len(self.choices)
         while remaining:
-            item = await self._queue.get()
+            if self._first is not None:
+                item, self._first = self._first, None
+            else:
+                item = await self._queue.get()
             if isinstance(item, Exception):
                 raise item
             remaining -= item.finish_reason is not None

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from baton.server.api import protocol as p
 from baton.server.api.fan_out import Delta
+from baton.server.api.tools import ToolCallStream, ToolPlan
 
 MIN_LOGPROB = -9999.0  # NOTE: -inf is not JSON; OpenAI clients expect a finite float
 
@@ -88,10 +89,18 @@ class CompletionFormat:
 
 class ChatFormat:
     def __init__(
-        self, request_id: str, model: str, n: int, token_str: TokenStr, top_logprobs: int
+        self,
+        request_id: str,
+        model: str,
+        n: int,
+        token_str: TokenStr,
+        top_logprobs: int,
+        tools: ToolPlan | None = None,
     ) -> None:
         self.id, self.model, self.n, self.token_str = request_id, model, n, token_str
         self.top_logprobs = top_logprobs
+        self.tools = tools
+        self._streams = [ToolCallStream(tools) for _ in range(n)] if tools else None
 
     def _entry(self, tid: int, lp: float) -> p.TopLogprob:
         tok = self.token_str(tid)
@@ -117,27 +126,56 @@ class ChatFormat:
         return [self._chunk(p.ChatChunkChoice(index=i, delta=delta)) for i in range(self.n)]
 
     def chunk(self, d: Delta) -> BaseModel:
+        text, calls, finish = d.text, [], d.finish_reason
+        if self._streams is not None:
+            stream = self._streams[d.index]
+            text = stream.feed(text)
+            if finish is not None:
+                held, calls, finish = stream.finish(finish)
+                text += held
+        tool_calls = [
+            p.DeltaToolCall(
+                index=k,
+                id=c.id,
+                type="function",
+                function=p.DeltaFunction(name=c.function.name, arguments=c.function.arguments),
+            )
+            for k, c in enumerate(calls)
+        ]
         choice = p.ChatChunkChoice(
             index=d.index,
-            delta=p.DeltaMessage(content=d.text or None),
+            delta=p.DeltaMessage(content=text or None, tool_calls=tool_calls or None),
             logprobs=self._logprobs(d.logprobs),
-            finish_reason=d.finish_reason,
+            finish_reason=finish,
             stop_reason=d.stop_reason,
         )
         return self._chunk(choice)
+
+    def _message(self, d: Delta) -> tuple[p.AssistantMessage, str | None]:
+        if self.tools is None:
+            return p.AssistantMessage(content=d.text), d.finish_reason
+        stream = ToolCallStream(self.tools)
+        text = stream.feed(d.text)
+        held, calls, finish = stream.finish(d.finish_reason)
+        content = text + held
+        return p.AssistantMessage(
+            content=content or None if calls else content, tool_calls=calls
+        ), finish
 
     def usage_chunk(self, usage: p.Usage) -> BaseModel:
         return self._chunk(None, usage)
 
     def response(self, deltas: list[Delta], usage: p.Usage) -> BaseModel:
-        choices = [
-            p.ChatChoice(
-                index=d.index,
-                message=p.AssistantMessage(content=d.text),
-                logprobs=self._logprobs(d.logprobs),
-                finish_reason=d.finish_reason,
-                stop_reason=d.stop_reason,
+        choices = []
+        for d in deltas:
+            message, finish = self._message(d)
+            choices.append(
+                p.ChatChoice(
+                    index=d.index,
+                    message=message,
+                    logprobs=self._logprobs(d.logprobs),
+                    finish_reason=finish,
+                    stop_reason=d.stop_reason,
+                )
             )
-            for d in deltas
-        ]
         return p.ChatCompletionResponse(id=self.id, model=self.model, choices=choices, usage=usage)

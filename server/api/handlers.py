@@ -22,11 +22,19 @@ from starlette.types import Receive, Scope, Send
 from baton.scheduler.limits import ContextLengthExceeded, settle_max_tokens
 from baton.scheduler.sampling_params import SamplingParams
 from baton.server.api import protocol as p
-from baton.server.api.cluster import Cluster
+from baton.server.api.cluster import Cluster, RequestFailed
 from baton.server.api.errors import APIError, cluster_error, error_body, invalid_field
 from baton.server.api.fan_out import Delta, FanOut
 from baton.server.api.formats import ChatFormat, CompletionFormat, merge, sse
 from baton.server.api.metrics import Metrics
+from baton.server.api.structured import InvalidConstraint, constraint_of, with_constraint
+from baton.server.api.tools import (
+    ToolPlan,
+    plan_tools,
+    template_has_tools,
+    tool_constraint,
+    tool_conversation,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +67,7 @@ class Handlers:
     def __init__(self, cluster: Cluster, served_model_name: str, metrics: Metrics) -> None:
         self.cluster, self.served_model_name, self.metrics = cluster, served_model_name, metrics
         self.token_str = functools.lru_cache(maxsize=1 << 16)(self._decode_one)
+        self._ignored: set[str] = set()  # unknown request fields, logged once each
 
     def _decode_one(self, token_id: int) -> str:
         return self.cluster.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -119,11 +128,19 @@ class Handlers:
             raise APIError(400, "prompt: must not be empty", param="prompt")
         return ids
 
-    def chat_prompt(self, messages: list[p.ChatMessage]) -> list[int]:
+    def chat_prompt(
+        self, messages: list[p.ChatMessage], tools: ToolPlan | None = None
+    ) -> list[int]:
         conv = [m.template_dict() for m in messages]
+        tool_dicts = None
+        if template_has_tools(getattr(self.cluster.tokenizer, "chat_template", None)):
+            if tools is not None:
+                tool_dicts = [t.model_dump(exclude_none=True) for t in tools.tools]
+        elif tools is not None or any(m.tool_calls or m.role == "tool" for m in messages):
+            conv = tool_conversation(conv, tools)
         try:
             out = self.cluster.tokenizer.apply_chat_template(
-                conv, add_generation_prompt=True, tokenize=True
+                conv, add_generation_prompt=True, tokenize=True, tools=tool_dicts
             )
         except Exception as e:  # a template that rejects the conversation (roles, order)
             raise APIError(
@@ -136,13 +153,26 @@ class Handlers:
             out = out[0]
         return [int(t) for t in out]
 
-    def checked_params(self, req: p.CompletionRequest | p.ChatCompletionRequest):
-        """The model must be ours and the sampling fields valid (400 naming the field)."""
+    def checked_params(
+        self, req: p.CompletionRequest | p.ChatCompletionRequest, tools: ToolPlan | None = None
+    ):
+        """The model must be ours and the sampling fields valid (400 naming the field). The
+        constraint of a structured-output field, or of a forced tool choice, rides in `guided`."""
         self.check_model(req.model)
+        self._log_ignored(req)
         try:
             params = req.sampling_params()
         except ValueError as e:
             raise invalid_field(e) from None
+        try:
+            constraint = constraint_of(req)
+            forced = tool_constraint(tools) if tools is not None else None
+            if forced is not None and constraint is not None:
+                why = f"cannot be combined with {constraint.field}"
+                raise InvalidConstraint("tool_choice", why)
+            params = with_constraint(params, forced or constraint)
+        except InvalidConstraint as e:
+            raise APIError(400, str(e), param=e.field) from None
         if params.stop_token_ids:
             vocab = len(self.cluster.tokenizer)
             bad = next((t for t in params.stop_token_ids if t >= vocab), None)
@@ -153,6 +183,12 @@ class Handlers:
                     param="stop_token_ids",
                 )
         return params
+
+    def _log_ignored(self, req) -> None:
+        for name in req.model_extra or {}:
+            if name not in self._ignored:
+                self._ignored.add(name)
+                logger.warning("ignoring the request field %r, which Baton does not know", name)
 
     # ---- the two endpoints ----------------------------------------------------------------
 
@@ -167,11 +203,15 @@ class Handlers:
 
     async def chat(self, req: p.ChatCompletionRequest, request: Request) -> Response:
         arrival = time.monotonic()
-        params = self.checked_params(req)
-        prompt_ids = self.chat_prompt(req.messages)
+        try:
+            tools = plan_tools(req)
+        except InvalidConstraint as e:
+            raise APIError(400, str(e), param=e.field) from None
+        params = self.checked_params(req, tools)
+        prompt_ids = self.chat_prompt(req.messages, tools)
         params = self.settle_params(params, len(prompt_ids), "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        fmt = ChatFormat(rid, req.model, params.n, self.token_str, params.logprobs or 0)
+        fmt = ChatFormat(rid, req.model, params.n, self.token_str, params.logprobs or 0, tools)
         return await self._run(request, arrival, rid, prompt_ids, params, req, fmt)
 
     # ---- running ----------------------------------------------------------------------------
@@ -191,6 +231,15 @@ class Handlers:
             await gen.start()  # NoWorkerAvailable, Overloaded: answered by their handlers
         except ValueError as e:  # the cluster's own checks (KV it could never hold)
             raise APIError(400, str(e), param="max_tokens") from None
+        if params.guided:  # a worker's grammar library may refuse it: a 400, before any body
+            first = await gen.wait_first()
+            if isinstance(first, RequestFailed) and first.status == 400:
+                await gen.close()
+                field = params.extra.get("guided_field")
+                message = str(first)
+                if field and message.startswith("guided_spec: "):  # name what the client sent
+                    message = f"{field}: {message.removeprefix('guided_spec: ')}"
+                raise APIError(400, message, param=field)
         if req.stream:
             return EventStream(self._events(gen, fmt, req.include_usage), on_close=gen.close)
         return await self._respond(gen, fmt, request)

@@ -185,6 +185,8 @@ class RequestRelay:
                     continue
                 if isinstance(msg, m.RequestFailed):  # the request's own fault: the client's error
                     finished = True
+                    if msg.bad_request:
+                        raise RequestFailed(msg.error, 400)
                     raise RequestFailed(f"worker {msg.worker_id}: {msg.error}", 500)
                 if msg.finish_reason is None and not msg.token_ids:
                     continue

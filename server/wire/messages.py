@@ -199,6 +199,9 @@ class RequestFailed:
     # The failure was this worker's (draining, a handoff that failed), not the request's, so the
     # router may run it elsewhere.
     retry: bool
+    # The request itself is invalid (a constraint the grammar library refuses): the client gets
+    # a 400 with `error`, which starts with the field's name.
+    bad_request: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

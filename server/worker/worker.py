@@ -219,13 +219,21 @@ class Worker:
     def _send_ctrl(self, msg) -> None:
         self.ctrl.send_multipart(codec.encode(msg), copy=False)
 
-    def _fail(self, request_id: str, error: str, retry: bool = False) -> None:
+    def _fail(
+        self, request_id: str, error: str, retry: bool = False, bad_request: bool = False
+    ) -> None:
         """Tell the router the request ended here with `error`; with `retry` the fault was this
-        worker's (or its handoff's), not the request's, and the router may run it elsewhere."""
+        worker's (or its handoff's), not the request's, and the router may run it elsewhere;
+        with `bad_request` the request itself is invalid (the client gets a 400)."""
         logger.warning("request %s failed: %s", request_id, error)
-        self._send_ctrl(
-            m.RequestFailed(request_id=request_id, worker_id=self.id, error=error, retry=retry)
+        msg = m.RequestFailed(
+            request_id=request_id,
+            worker_id=self.id,
+            error=error,
+            retry=retry,
+            bad_request=bad_request,
         )
+        self._send_ctrl(msg)
 
     def _on_control(self, frames) -> None:
         try:
@@ -265,8 +273,8 @@ class Worker:
                 handoff=handoff,
                 prior_output_ids=msg.prior_output_ids,
             )
-        except ValueError as e:
-            self._fail(msg.request_id, str(e))
+        except ValueError as e:  # the request's own fault (a grammar refused, a bad field)
+            self._fail(msg.request_id, str(e), bad_request=True)
             return
         if handoff:
             self.sender.open(msg.request_id, msg.decode_endpoint, msg.prompt_token_ids, msg.params)
