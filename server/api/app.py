@@ -11,6 +11,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import baton
 from baton.server.api import protocol as p
+from baton.server.api import responses
 from baton.server.api.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from baton.server.api.cluster import Cluster
 from baton.server.api.errors import APIError, error_response, install_error_handlers
@@ -20,8 +21,14 @@ from baton.server.api.metrics import Metrics
 # NOTE: declared so the OpenAPI schema tells the truth: errors are OpenAI-shaped 4xx (never
 # FastAPI's 422), and generation answers JSON or, with stream=true, server-sent events.
 _ERRORS: dict = {
-    "4XX": {"model": p.ErrorResponse, "description": "The request is invalid (param says where)"},
-    "5XX": {"model": p.ErrorResponse, "description": "Internal error, or no worker is ready (503)"},
+    "4XX": {
+        "model": responses.ErrorResponse,
+        "description": "The request is invalid (param says where)",
+    },
+    "5XX": {
+        "model": responses.ErrorResponse,
+        "description": "Internal error, or no worker is ready (503)",
+    },
 }
 
 
@@ -105,20 +112,20 @@ def build_app(
         app.add_middleware(BearerAuth, api_key=api_key)
     app.add_middleware(CountErrors, metrics=metrics)
 
-    @app.post("/v1/completions", responses=_generation(p.CompletionResponse))
+    @app.post("/v1/completions", responses=_generation(responses.CompletionResponse))
     async def completions(req: p.CompletionRequest, request: Request) -> Response:
         return await handlers.completions(req, request)
 
-    @app.post("/v1/chat/completions", responses=_generation(p.ChatCompletionResponse))
+    @app.post("/v1/chat/completions", responses=_generation(responses.ChatCompletionResponse))
     async def chat_completions(req: p.ChatCompletionRequest, request: Request) -> Response:
         return await handlers.chat(req, request)
 
     @app.get("/v1/models", responses=_ERRORS)
-    async def models() -> p.ModelList:
-        card = p.ModelCard(
+    async def models() -> responses.ModelList:
+        card = responses.ModelCard(
             id=served_model_name, root=cluster.model_name, max_model_len=cluster.max_model_len
         )
-        return p.ModelList(data=[card])
+        return responses.ModelList(data=[card])
 
     @app.get("/health", responses={503: {"description": "Not ready", "content": _JSON}})
     async def health() -> JSONResponse:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from pydantic import BaseModel
 
-from baton.server.api import protocol as p
+from baton.server.api import responses
 from baton.server.api.fan_out import Delta
 from baton.server.api.tools import ToolCallStream, ToolPlan
 
@@ -53,10 +53,10 @@ class CompletionFormat:
     def head(self) -> list[BaseModel]:
         return []
 
-    def _logprobs(self, index: int, entries: list | None) -> p.CompletionLogprobs | None:
+    def _logprobs(self, index: int, entries: list | None) -> responses.CompletionLogprobs | None:
         if entries is None:
             return None
-        out = p.CompletionLogprobs()
+        out = responses.CompletionLogprobs()
         for tid, lp, top in entries:
             tok = self.token_str(tid)
             out.tokens.append(tok)
@@ -67,8 +67,8 @@ class CompletionFormat:
             self._offsets[index] += len(tok)
         return out
 
-    def _choice(self, d: Delta) -> p.CompletionChoice:
-        return p.CompletionChoice(
+    def _choice(self, d: Delta) -> responses.CompletionChoice:
+        return responses.CompletionChoice(
             index=d.index,
             text=d.text,
             logprobs=self._logprobs(d.index, d.logprobs),
@@ -77,14 +77,16 @@ class CompletionFormat:
         )
 
     def chunk(self, d: Delta) -> BaseModel:
-        return p.CompletionResponse(id=self.id, model=self.model, choices=[self._choice(d)])
+        return responses.CompletionResponse(id=self.id, model=self.model, choices=[self._choice(d)])
 
-    def usage_chunk(self, usage: p.Usage) -> BaseModel:
-        return p.CompletionResponse(id=self.id, model=self.model, choices=[], usage=usage)
+    def usage_chunk(self, usage: responses.Usage) -> BaseModel:
+        return responses.CompletionResponse(id=self.id, model=self.model, choices=[], usage=usage)
 
-    def response(self, deltas: list[Delta], usage: p.Usage) -> BaseModel:
+    def response(self, deltas: list[Delta], usage: responses.Usage) -> BaseModel:
         choices = [self._choice(d) for d in deltas]
-        return p.CompletionResponse(id=self.id, model=self.model, choices=choices, usage=usage)
+        return responses.CompletionResponse(
+            id=self.id, model=self.model, choices=choices, usage=usage
+        )
 
 
 class ChatFormat:
@@ -102,28 +104,32 @@ class ChatFormat:
         self.tools = tools
         self._streams = [ToolCallStream(tools) for _ in range(n)] if tools else None
 
-    def _entry(self, tid: int, lp: float) -> p.TopLogprob:
+    def _entry(self, tid: int, lp: float) -> responses.TopLogprob:
         tok = self.token_str(tid)
-        return p.TopLogprob(token=tok, logprob=_lp(lp), bytes=list(tok.encode("utf-8")))
+        return responses.TopLogprob(token=tok, logprob=_lp(lp), bytes=list(tok.encode("utf-8")))
 
-    def _logprobs(self, entries: list | None) -> p.ChatLogprobs | None:
+    def _logprobs(self, entries: list | None) -> responses.ChatLogprobs | None:
         if entries is None:
             return None
         content = []
         for tid, lp, top in entries:
             e = self._entry(tid, lp)
             tops = [self._entry(t, x) for t, x in (top or [])[: self.top_logprobs]]
-            content.append(p.TokenLogprob(**e.model_dump(), top_logprobs=tops))
-        return p.ChatLogprobs(content=content)
+            content.append(responses.TokenLogprob(**e.model_dump(), top_logprobs=tops))
+        return responses.ChatLogprobs(content=content)
 
-    def _chunk(self, choice: p.ChatChunkChoice | None, usage: p.Usage | None = None) -> BaseModel:
+    def _chunk(
+        self, choice: responses.ChatChunkChoice | None, usage: responses.Usage | None = None
+    ) -> BaseModel:
         choices = [choice] if choice is not None else []
-        return p.ChatCompletionChunk(id=self.id, model=self.model, choices=choices, usage=usage)
+        return responses.ChatCompletionChunk(
+            id=self.id, model=self.model, choices=choices, usage=usage
+        )
 
     def head(self) -> list[BaseModel]:
         """The role of each choice comes first, as OpenAI sends it."""
-        delta = p.DeltaMessage(role="assistant", content="")
-        return [self._chunk(p.ChatChunkChoice(index=i, delta=delta)) for i in range(self.n)]
+        delta = responses.DeltaMessage(role="assistant", content="")
+        return [self._chunk(responses.ChatChunkChoice(index=i, delta=delta)) for i in range(self.n)]
 
     def chunk(self, d: Delta) -> BaseModel:
         text, calls, finish = d.text, [], d.finish_reason
@@ -134,43 +140,45 @@ class ChatFormat:
                 held, calls, finish = stream.finish(finish)
                 text += held
         tool_calls = [
-            p.DeltaToolCall(
+            responses.DeltaToolCall(
                 index=k,
                 id=c.id,
                 type="function",
-                function=p.DeltaFunction(name=c.function.name, arguments=c.function.arguments),
+                function=responses.DeltaFunction(
+                    name=c.function.name, arguments=c.function.arguments
+                ),
             )
             for k, c in enumerate(calls)
         ]
-        choice = p.ChatChunkChoice(
+        choice = responses.ChatChunkChoice(
             index=d.index,
-            delta=p.DeltaMessage(content=text or None, tool_calls=tool_calls or None),
+            delta=responses.DeltaMessage(content=text or None, tool_calls=tool_calls or None),
             logprobs=self._logprobs(d.logprobs),
             finish_reason=finish,
             stop_reason=d.stop_reason,
         )
         return self._chunk(choice)
 
-    def _message(self, d: Delta) -> tuple[p.AssistantMessage, str | None]:
+    def _message(self, d: Delta) -> tuple[responses.AssistantMessage, str | None]:
         if self.tools is None:
-            return p.AssistantMessage(content=d.text), d.finish_reason
+            return responses.AssistantMessage(content=d.text), d.finish_reason
         stream = ToolCallStream(self.tools)
         text = stream.feed(d.text)
         held, calls, finish = stream.finish(d.finish_reason)
         content = text + held
-        return p.AssistantMessage(
+        return responses.AssistantMessage(
             content=content or None if calls else content, tool_calls=calls
         ), finish
 
-    def usage_chunk(self, usage: p.Usage) -> BaseModel:
+    def usage_chunk(self, usage: responses.Usage) -> BaseModel:
         return self._chunk(None, usage)
 
-    def response(self, deltas: list[Delta], usage: p.Usage) -> BaseModel:
+    def response(self, deltas: list[Delta], usage: responses.Usage) -> BaseModel:
         choices = []
         for d in deltas:
             message, finish = self._message(d)
             choices.append(
-                p.ChatChoice(
+                responses.ChatChoice(
                     index=d.index,
                     message=message,
                     logprobs=self._logprobs(d.logprobs),
@@ -178,4 +186,6 @@ class ChatFormat:
                     stop_reason=d.stop_reason,
                 )
             )
-        return p.ChatCompletionResponse(id=self.id, model=self.model, choices=choices, usage=usage)
+        return responses.ChatCompletionResponse(
+            id=self.id, model=self.model, choices=choices, usage=usage
+        )

@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 from baton.scheduler.limits import ContextLengthExceeded, settle_max_tokens
 from baton.scheduler.sampling_params import SamplingParams
 from baton.server.api import protocol as p
+from baton.server.api import responses
 from baton.server.api.cluster import Cluster, RequestFailed
 from baton.server.api.errors import APIError, cluster_error, error_body, invalid_field
 from baton.server.api.fan_out import Delta, FanOut
@@ -244,13 +245,15 @@ class Handlers:
             return EventStream(self._events(gen, fmt, req.include_usage), on_close=gen.close)
         return await self._respond(gen, fmt, request)
 
-    def _usage(self, gen: FanOut) -> p.Usage:
+    def _usage(self, gen: FanOut) -> responses.Usage:
         n_prompt, n_out = len(gen.prompt_token_ids), gen.num_generated_tokens
-        return p.Usage(
+        return responses.Usage(
             prompt_tokens=n_prompt,
             completion_tokens=n_out,
             total_tokens=n_prompt + n_out,
-            prompt_tokens_details=p.PromptTokensDetails(cached_tokens=gen.num_cached_tokens),
+            prompt_tokens_details=responses.PromptTokensDetails(
+                cached_tokens=gen.num_cached_tokens
+            ),
         )
 
     async def _events(self, gen: FanOut, fmt: Format, include_usage: bool):

@@ -107,9 +107,11 @@ def constraint_of(req: p.CompletionRequest | p.ChatCompletionRequest) -> Constra
     """The request's one constraint, or None; InvalidConstraint naming the field otherwise."""
     found: list[Constraint] = []
     names: list[str] = []
+    # NOTE: a source that asks for nothing (response_format text, an empty structured_outputs)
+    # is no constraint, so it combines with any other: some clients always send one.
     if req.response_format is not None:
-        names.append("response_format")
         c = _from_response_format(req.response_format)
+        names += ["response_format"] if c else []
         found += [c] if c else []
     for field, kind, value in (
         ("guided_json", "json", req.guided_json),
@@ -121,8 +123,8 @@ def constraint_of(req: p.CompletionRequest | p.ChatCompletionRequest) -> Constra
             names.append(field)
             found.append(_constraint(field, kind, value, False))
     if req.structured_outputs is not None:
-        names.append("structured_outputs")
         c = _from_structured_outputs(req.structured_outputs)
+        names += ["structured_outputs"] if c else []
         found += [c] if c else []
     if len(names) > 1:
         raise InvalidConstraint(names[1], f"cannot be combined with {names[0]}")

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass
 
 from baton.server.api import protocol as p
+from baton.server.api import responses
 from baton.server.api.structured import Constraint, InvalidConstraint
 
 TOOL_PROMPT = """You can call functions. Their JSON schemas:
@@ -28,7 +29,7 @@ object with the function's name and its arguments:
 {{"name": "<function name>", "arguments": {{"<argument>": "<value>"}}}}
 </tool_call>"""
 
-_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|(?=<tool_call>)|$)", re.DOTALL)
 OPEN_TAG = "<tool_call>"
 
 
@@ -67,20 +68,29 @@ def plan_tools(req: p.ChatCompletionRequest) -> ToolPlan | None:
 
 
 def _call_schema(tool: p.ToolDef) -> dict:
-    """One call of `tool` as a JSON schema: its name, then arguments its parameters allow.
-    The parameters' `$defs` move to the root, where their `#/$defs/...` references point."""
-    params = dict(tool.function.parameters or {"type": "object"})
-    defs = params.pop("$defs", None)
-    schema = {
+    """One call of `tool` as a JSON schema: its name, then arguments its parameters allow. The
+    parameters' local references (`#/$defs/...`, `#/definitions/...`, `#`) are rewritten to
+    point where the parameters now sit."""
+    params = _rebase_refs(tool.function.parameters or {"type": "object"}, "#/properties/arguments")
+    return {
         "type": "object",
         "properties": {"name": {"const": tool.function.name}, "arguments": params},
         "required": ["name", "arguments"],
         "additionalProperties": False,
         "x-guidance": {"whitespace_flexible": False},
     }
-    if defs:
-        schema["$defs"] = defs
-    return schema
+
+
+def _rebase_refs(node, base: str):
+    if isinstance(node, list):
+        return [_rebase_refs(x, base) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _rebase_refs(v, base) for k, v in node.items()}
+    ref = out.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        out["$ref"] = base + ref[1:]
+    return out
 
 
 def tool_constraint(plan: ToolPlan) -> Constraint | None:
@@ -134,11 +144,13 @@ def _block(name: str, arguments) -> str:
     return f"{OPEN_TAG}\n{json.dumps({'name': name, 'arguments': arguments})}\n</tool_call>"
 
 
-def parse_tool_calls(text: str, plan: ToolPlan) -> tuple[str | None, list[p.ResponseToolCall]]:
+def parse_tool_calls(
+    text: str, plan: ToolPlan
+) -> tuple[str | None, list[responses.ResponseToolCall]]:
     """(content left, calls) of a finished output. A block that is not a call of one of the
     tools (bad JSON, an unknown name) stays in the content."""
     names = {t.function.name for t in plan.tools}
-    calls: list[p.ResponseToolCall] = []
+    calls: list[responses.ResponseToolCall] = []
     kept: list[str] = []
     pos = 0
     for m in _CALL.finditer(text):
@@ -155,7 +167,7 @@ def parse_tool_calls(text: str, plan: ToolPlan) -> tuple[str | None, list[p.Resp
     return content or None, calls
 
 
-def _call_of(body: str, names: set[str]) -> p.ResponseToolCall | None:
+def _call_of(body: str, names: set[str]) -> responses.ResponseToolCall | None:
     try:
         obj = json.loads(body)
     except ValueError:
@@ -170,9 +182,9 @@ def _call_of(body: str, names: set[str]) -> p.ResponseToolCall | None:
             return None
     if not isinstance(args, dict):
         return None
-    return p.ResponseToolCall(
+    return responses.ResponseToolCall(
         id=f"call_{uuid.uuid4().hex[:24]}",
-        function=p.ResponseFunction(
+        function=responses.ResponseFunction(
             name=obj["name"], arguments=json.dumps(args, ensure_ascii=False)
         ),
     )
@@ -201,15 +213,19 @@ class ToolCallStream:
         self._held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep]
 
-    def finish(self, finish_reason: str | None) -> tuple[str, list[p.ResponseToolCall], str | None]:
-        """(content still held, calls, finish_reason) at the end of the choice."""
+    def finish(
+        self, finish_reason: str | None
+    ) -> tuple[str, list[responses.ResponseToolCall], str | None]:
+        """(content still held, calls, finish_reason) at the end of the choice. A forced choice
+        cut by max_tokens keeps the calls it completed (finish_reason stays "length")."""
         held, self._held = self._held, ""
-        if finish_reason != "stop" or not held:
+        parse = finish_reason == "stop" or (finish_reason == "length" and self.plan.forced)
+        if not held or not parse:
             return held, [], finish_reason
         content, calls = parse_tool_calls(held, self.plan)
         if not calls:
             return held, [], finish_reason
-        return content or "", calls, "tool_calls"
+        return content or "", calls, "tool_calls" if finish_reason == "stop" else finish_reason
 
 
 def _partial_tag(text: str) -> int:
