@@ -73,3 +73,13 @@ def disagg():
     s = Server("--mode", "disagg")
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def colocated():
+    """`baton serve` with one colocated worker, beside `disagg` for the tests that compare."""
+    from tests.server.router.test_serve_e2e import Server
+
+    s = Server("--mode", "colocated")
+    yield s
+    s.stop()

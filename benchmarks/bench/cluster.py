@@ -235,10 +235,10 @@ class Cluster:
         r.raise_for_status()
         return r.json()["choices"][0]["text"]
 
-    def stream(self, prompt: list[int], max_tokens: int, on_chunk=None, timeout: float = 120):
+    def stream(self, prompt: list[int], max_tokens: int, on_chunk=None, timeout: float = 120, **kw):
         """(text, error event or None) of one streamed greedy completion; `on_chunk(n)` is
-        called after the n-th chunk with text arrives."""
-        body = self.body(prompt, max_tokens, stream=True)
+        called after the n-th chunk with text arrives. `kw`: more fields of the body."""
+        body = self.body(prompt, max_tokens, stream=True, **kw)
         text, chunks, error = "", 0, None
         with httpx.stream("POST", self.url + "/v1/completions", json=body, timeout=timeout) as r:
             r.raise_for_status()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 
 import httpx
 import pytest
 
+from baton import SamplingParams
 from baton.bench.cluster import Cluster
 from tests.faults.conftest import random_prompt
 
@@ -61,3 +63,33 @@ def test_when_no_decode_worker_is_left_the_stream_ends_with_an_error(cluster):
     assert re.search(r'^baton:request_errors_total\{status="503"\} 1\.0$', page, re.M), page
     assert re.search(r"^baton:worker_losses_total 2\.0$", page, re.M), page
     assert re.search(r'^baton:workers\{role="decode",state="dead"\} 2\.0$', page, re.M), page
+
+
+def test_a_constrained_stream_resumes_in_the_same_grammar_state(cluster, smollm2):
+    """The decode worker replays the tokens so far into its grammar matcher (after the handoff,
+    and after a failover recompute): the constrained greedy output is the offline one."""
+    for name in ("d2", "d3"):
+        cluster.add_worker(name, "decode", wait=False)
+    for name in ("d2", "d3"):
+        cluster.wait_worker(name, "ready")
+    schema = {
+        "type": "object",
+        "properties": {"words": {"type": "array", "items": {"type": "string", "maxLength": 12}}},
+        "required": ["words"],
+        "additionalProperties": False,
+    }
+    prompt = random_prompt(3, 30)
+    params = SamplingParams(
+        max_tokens=40, temperature=0, ignore_eos=True, guided="json", guided_spec=json.dumps(schema)
+    )
+    want = smollm2.generate([prompt], params)[0].outputs[0].text
+    killed = []
+
+    def kill_after_five(n):
+        if n == 5 and not killed:
+            killed.append(cluster.serving("decode"))
+            cluster.kill(killed[0])
+
+    text, error = cluster.stream(prompt, 40, on_chunk=kill_after_five, guided_json=schema)
+    assert killed and error is None
+    assert text == want

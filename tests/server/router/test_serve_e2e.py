@@ -106,13 +106,6 @@ def running(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def colocated():
-    s = Server("--mode", "colocated")
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
 def offline(smollm2):
     p = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
     return {
