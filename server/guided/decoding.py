@@ -51,7 +51,9 @@ class GuidedDecoding:
         """ValueError naming the field if the constraint cannot be used (cheap: no tokenizer)."""
         if self._tokenizer_dir is None or not (self._tokenizer_dir / "tokenizer.json").is_file():
             raise ValueError("guided: this model has no tokenizer.json to constrain tokens with")
-        check_grammar(grammar_for(*key_of(params)))
+        key = key_of(params)
+        if key not in self._templates:  # a cached one compiled: nothing to check
+            check_grammar(grammar_for(*key))
 
     def start(self, seq_id: str, params: SamplingParams, replay: list[int]) -> None:
         """Give `seq_id` a matcher for its constraint, advanced over `replay` (tokens it already
