@@ -2,10 +2,10 @@
 
 The machine has torch, triton, transformers, msgpack, xxhash, numpy and pytest, and what they
 require; nothing else can be installed. After importing what a section imports, every module that
-appeared is looked at: one known absent there (fastapi, uvicorn, zmq, gguf, hypothesis) is refused
-wherever it came from; any other outside the allowed packages is refused when this repository's
-code asked for it, and only noted when an allowed package did (transformers probes for optional
-packages and does without them).
+appeared is looked at: one known absent there (fastapi, uvicorn, zmq, gguf, hypothesis,
+llguidance) is refused wherever it came from; any other outside the allowed packages is refused
+when this repository's code asked for it, and only noted when an allowed package did
+(transformers probes for optional packages and does without them).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sysconfig
 from pathlib import Path
 
 ALLOWED = ("torch", "triton", "transformers", "msgpack", "xxhash", "numpy", "pytest")
-ABSENT = ("fastapi", "uvicorn", "zmq", "gguf", "hypothesis")
+ABSENT = ("fastapi", "uvicorn", "zmq", "gguf", "hypothesis", "llguidance")
 FIRST_PARTY = ("baton", "tests")
 
 
