@@ -210,3 +210,19 @@ def server(shared_server):
     """The module's server with its cluster as new (its metrics keep counting)."""
     shared_server.cluster.reset()
     return shared_server
+
+
+@pytest.fixture(scope="session")
+def lltok():
+    """llguidance's tokenizer of the default model (its folder is made on first load)."""
+    from baton.server.loader.gguf import cache_dir_for
+    from baton.server.loader.resolve import locate
+
+    folder = cache_dir_for(locate("smollm2", "auto").path)
+    if not (folder / "tokenizer.json").is_file():
+        from baton.server.router.model_files import router_model
+
+        router_model("smollm2")
+    import llguidance
+
+    return llguidance.LLTokenizer(str(folder / "tokenizer.json"), eos_token=2)

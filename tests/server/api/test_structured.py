@@ -17,6 +17,7 @@ from baton.server.api.structured import (
     with_constraint,
 )
 from baton.server.guided.grammar import check_grammar, grammar_for
+from tests.server.guided.lark import lark_takes
 
 SCHEMA = {
     "type": "object",
@@ -38,27 +39,6 @@ def invalid(req) -> InvalidConstraint:
     with pytest.raises(InvalidConstraint) as e:
         constraint_of(req)
     return e.value
-
-
-@pytest.fixture(scope="module")
-def lltok():
-    """llguidance's tokenizer of the default model (its folder is made on first load)."""
-    from baton.server.loader.gguf import cache_dir_for
-    from baton.server.loader.resolve import locate
-
-    folder = cache_dir_for(locate("smollm2", "auto").path)
-    if not (folder / "tokenizer.json").is_file():
-        from baton.server.router.model_files import router_model
-
-        router_model("smollm2")
-    return llguidance.LLTokenizer(str(folder / "tokenizer.json"), eos_token=2)
-
-
-def matches(tok, lark: str, text: str) -> bool:
-    """Whether the grammar takes all of `text` and may end there."""
-    m = llguidance.LLMatcher(tok, llguidance.LLMatcher.grammar_from_lark(lark), log_level=0)
-    ok = all(m.consume_token(t) for t in tok.tokenize_str(text))
-    return ok and not m.is_error() and m.is_accepting()
 
 
 # ---- no constraint ---------------------------------------------------------------------------
@@ -139,7 +119,7 @@ def test_choice_grammar_matches_exactly_the_choices(lltok):
     spec = choice_grammar(CHOICES)
     assert llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_lark(spec)) == ""
     for choice in CHOICES:
-        assert matches(lltok, spec, choice), choice
+        assert lark_takes(lltok, spec, choice), choice
     for other in [
         "",
         "x",
@@ -153,7 +133,7 @@ def test_choice_grammar_matches_exactly_the_choices(lltok):
         "back\\\\slash",
         "café",
     ]:
-        assert not matches(lltok, spec, other), other
+        assert not lark_takes(lltok, spec, other), other
 
 
 @pytest.mark.parametrize(

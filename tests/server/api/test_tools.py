@@ -22,6 +22,7 @@ from baton.server.api.tools import (
     tool_constraint,
     tool_conversation,
 )
+from tests.server.guided.lark import lark_takes
 
 
 class Unit(StrEnum):
@@ -154,28 +155,6 @@ def test_parallel_tool_calls(given, parallel):
 # ---- tool_constraint -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def lltok():
-    """llguidance's tokenizer of the default model (its folder is made on first load)."""
-    from baton.server.loader.gguf import cache_dir_for
-    from baton.server.loader.resolve import locate
-
-    folder = cache_dir_for(locate("smollm2", "auto").path)
-    if not (folder / "tokenizer.json").is_file():
-        from baton.server.router.model_files import router_model
-
-        router_model("smollm2")
-    return llguidance.LLTokenizer(str(folder / "tokenizer.json"), eos_token=2)
-
-
-def matcher_takes(tok, spec: str, text: str) -> bool:
-    """Whether the grammar takes every token of `text` and may end there."""
-    m = llguidance.LLMatcher(tok, llguidance.LLMatcher.grammar_from_lark(spec), log_level=0)
-    assert not m.is_error(), m.get_error()
-    ok = all(m.consume_token(t) for t in tok.tokenize_str(text))
-    return ok and not m.is_error() and m.is_accepting()
-
-
 def valid_spec(t) -> str:
     c = tool_constraint(t)
     assert (c.kind, c.field, c.compact) == ("lark", "tools", True)
@@ -218,13 +197,13 @@ BAD = {
 def test_required_takes_a_call_of_any_tool(lltok):
     spec = valid_spec(plan(tool_choice="required"))
     for text in GOOD:
-        assert matcher_takes(lltok, spec, text), text
+        assert lark_takes(lltok, spec, text), text
 
 
 @pytest.mark.parametrize("why", list(BAD))
 def test_required_refuses_what_the_schemas_do_not_allow(lltok, why):
     spec = valid_spec(plan(tool_choice="required"))
-    assert not matcher_takes(lltok, spec, BAD[why])
+    assert not lark_takes(lltok, spec, BAD[why])
 
 
 def test_matcher_refuses_the_token_that_leaves_the_schema(lltok):
@@ -236,29 +215,29 @@ def test_matcher_refuses_the_token_that_leaves_the_schema(lltok):
 
 def test_parallel_calls(lltok):
     two = GOOD[0] + "\n" + GOOD[2]
-    assert matcher_takes(lltok, valid_spec(plan(tool_choice="required")), two)
-    assert not matcher_takes(
+    assert lark_takes(lltok, valid_spec(plan(tool_choice="required")), two)
+    assert not lark_takes(
         lltok, valid_spec(plan(tool_choice="required", parallel_tool_calls=False)), two
     )
     single = valid_spec(plan(tool_choice="required", parallel_tool_calls=False))
-    assert matcher_takes(lltok, single, GOOD[0])
+    assert lark_takes(lltok, single, GOOD[0])
 
 
 def test_named_takes_only_that_function(lltok):
     spec = valid_spec(plan(tool_choice=named("get_time")))
-    assert matcher_takes(lltok, spec, block("get_time", {"tz": "UTC"}))
-    assert not matcher_takes(lltok, spec, block("get_weather", {"city": "Paris"}))
+    assert lark_takes(lltok, spec, block("get_time", {"tz": "UTC"}))
+    assert not lark_takes(lltok, spec, block("get_weather", {"city": "Paris"}))
     spec = valid_spec(plan(tool_choice=named("forecast"), parallel_tool_calls=False))
-    assert matcher_takes(lltok, spec, GOOD[-1])
-    assert not matcher_takes(lltok, spec, GOOD[-1] + "\n" + GOOD[-1])
-    assert not matcher_takes(lltok, spec, GOOD[0])
+    assert lark_takes(lltok, spec, GOOD[-1])
+    assert not lark_takes(lltok, spec, GOOD[-1] + "\n" + GOOD[-1])
+    assert not lark_takes(lltok, spec, GOOD[0])
 
 
 def test_what_the_grammar_takes_parses_back(lltok):
     t = plan(tool_choice="required")
     spec = valid_spec(t)
     text = "\n".join(GOOD)
-    assert matcher_takes(lltok, spec, text)
+    assert lark_takes(lltok, spec, text)
     content, calls = parse_tool_calls(text, t)
     assert content is None
     assert calls_of(calls) == [
@@ -312,8 +291,8 @@ RECURSIVE = {  # "#" is the parameters' own root
 )
 def test_other_local_refs_work_too(lltok, tool, good, bad):
     spec = valid_spec(plan(tools=[tool], tool_choice="required"))
-    assert matcher_takes(lltok, spec, good)
-    assert not matcher_takes(lltok, spec, bad)
+    assert lark_takes(lltok, spec, good)
+    assert not lark_takes(lltok, spec, bad)
 
 
 # ---- template_has_tools ----------------------------------------------------------------------
