@@ -53,6 +53,9 @@ class BlockManager:
         self.num_hashed: dict[str, int] = {}  # seq_id -> leading blocks of its table hashed
         self.prefix_queries = 0
         self.prefix_hits = 0
+        # KV events: whether each hash changed since `take_events` ends findable (True) or not
+        # (False); a router keeps an index of what each worker holds from them.
+        self._changes: dict[bytes, bool] = {}
 
     @property
     def num_free_blocks(self) -> int:
@@ -125,7 +128,8 @@ class BlockManager:
             self.block_hashes[block] = parent
             # NOTE: a block with the same contents may already be registered; keep that entry and
             # let this one stay private to `seq`.
-            self.hash_to_block.setdefault(parent, block)
+            if self.hash_to_block.setdefault(parent, block) == block:
+                self._changes[parent] = True
         self.num_hashed[seq.seq_id] = full
 
     def free(self, seq: Sequence) -> None:
@@ -152,7 +156,18 @@ class BlockManager:
         if h is not None:
             if self.hash_to_block.get(h) == block:
                 del self.hash_to_block[h]
+                self._changes[h] = False
             self.block_hashes[block] = None
+
+    def take_events(self) -> tuple[list[bytes], list[bytes]]:
+        """(stored, removed): the hashes that became findable and those that stopped being, net
+        of everything since the last call (disjoint lists)."""
+        changes, self._changes = self._changes, {}
+        return [h for h, v in changes.items() if v], [h for h, v in changes.items() if not v]
+
+    def cached_hashes(self) -> list[bytes]:
+        """Every findable block hash (a snapshot for the router's index)."""
+        return list(self.hash_to_block)
 
     def check_invariants(self, live_seqs: Iterable[Sequence]) -> None:
         """Raise AssertionError if the allocator's state is inconsistent with `live_seqs`."""

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from baton.scheduler.kv_index import KVIndex
+from baton.scheduler.routing import Chooser, RoutingConfig
 
 
 @dataclass
@@ -64,13 +68,17 @@ class Pool:
     NOTE: every change to a worker's state goes through a method here (admit, seen, beat,
     assign, release, lose, remove); a `WorkerState` is data the pool mutates."""
 
-    def __init__(self, mode: str, model: str | None = None) -> None:
+    def __init__(
+        self, mode: str, model: str | None = None, routing: RoutingConfig | None = None
+    ) -> None:
         if mode not in ("disagg", "colocated"):
             raise ValueError(f"mode: must be 'disagg' or 'colocated', got {mode!r}")
         self.mode = mode
         self.model = model
         self.layout: tuple | None = None
         self.workers: dict[str, WorkerState] = {}
+        self.index = KVIndex()  # what each worker holds, from its KV events
+        self.chooser = Chooser(routing or RoutingConfig(), self.index.matched)
 
     def admit(self, w: WorkerState) -> str | None:
         """Add `w`, or return why it is refused."""
@@ -94,7 +102,12 @@ class Pool:
         self.model = w.model
         self.layout = tuple(w.layout)
         self.workers[w.worker_id] = w
+        self.index.add_worker(w.worker_id, w.num_blocks)
         return None
+
+    @property
+    def block_size(self) -> int:
+        return self.layout[1] if self.layout else 16
 
     def seen(self, worker_id: str, now: float) -> None:
         """A message came from the worker: it is alive at `now`."""
@@ -112,6 +125,8 @@ class Pool:
     ) -> None:
         """The worker's heartbeat: its load, free KV, and whether it is draining."""
         w = self.workers[worker_id]
+        if draining and w.state != "draining":
+            self.index.drop(worker_id)  # it takes nothing new: its cache attracts nothing
         w.state = "draining" if draining else "ready"
         w.running, w.waiting = running, waiting
         w.kv_usage, w.num_free_blocks = kv_usage, num_free_blocks
@@ -132,6 +147,7 @@ class Pool:
         """Mark the worker dead; returns the requests assigned to it, which it holds no more."""
         w = self.workers[worker_id]
         w.state = "dead"
+        self.index.drop(worker_id)
         lost = list(w.assigned)
         w.assigned.clear()
         return lost
@@ -139,6 +155,7 @@ class Pool:
     def remove(self, worker_id: str) -> None:
         """The worker left the pool."""
         del self.workers[worker_id]
+        self.index.drop(worker_id)
 
     @property
     def cpu_linear(self) -> str:
@@ -159,23 +176,25 @@ class Pool:
         """The role that generates after the first token (and recomputes a resumed request)."""
         return "decode" if self.mode == "disagg" else "both"
 
-    def pick_prefill(self, exclude: frozenset[str] = frozenset()) -> WorkerState | None:
-        """Least loaded."""
+    def pick_prefill(
+        self, exclude: frozenset[str] = frozenset(), keys: Sequence[int] = (), num_tokens: int = 0
+    ) -> WorkerState | None:
+        """By the routing policy (see baton.scheduler.routing)."""
         cands = [w for w in self.ready(self.first_role) if w.worker_id not in exclude]
-        return min(cands, key=lambda w: (w.load, w.worker_id)) if cands else None
+        c = self.chooser.prefill(cands, keys, num_tokens, self.block_size)
+        return c.worker if c else None
 
     def pick_decode(
-        self, blocks_needed: int, exclude: frozenset[str] = frozenset()
+        self, blocks_needed: int, exclude: frozenset[str] = frozenset(), keys: Sequence[int] = ()
     ) -> WorkerState | None:
-        """Most free KV (net of what was just assigned), then the smallest running batch."""
+        """By the routing policy, among those that could ever hold the request."""
         cands = [
             w
             for w in self.ready(self.decode_role)
             if w.num_blocks >= blocks_needed and w.worker_id not in exclude
         ]
-        if not cands:
-            return None
-        return min(cands, key=lambda w: (-w.num_free_blocks, w.load, w.worker_id))
+        c = self.chooser.decode(cands, keys)
+        return c.worker if c else None
 
     def plan(
         self,
@@ -183,26 +202,46 @@ class Pool:
         resumed: bool,
         avoid: frozenset[str] = frozenset(),
         recompute_on: str | None = None,
+        keys: Sequence[int] = (),
+        num_tokens: int = 0,
     ) -> tuple[WorkerState, WorkerState | None] | None:
         """Where a request runs: (the worker it is sent to, the decode worker its KV is handed
-        to, or None when the first one runs it all). None: nowhere now.
+        to, or None when the first one runs it all). None: nowhere now. `keys`: the prompt's
+        block keys (see kv_index), `num_tokens` its length.
 
         A fresh request takes the usual path. One resumed after a failure (tokens already
         streamed) is recomputed on one decode-capable worker: `recompute_on` if it is ready
         (a failed handoff falls back to the decode side), else the best other one. With no
-        prefill worker up, a fresh request is also run by a decode worker alone.
+        prefill worker up, a fresh request is also run by a decode worker alone, and so is one
+        whose uncached part is short, or when the prefill pool is backed up (see routing).
         """
         if recompute_on is not None and recompute_on not in avoid:
             w = self.workers.get(recompute_on)
             if w is not None and w.state == "ready" and w.num_blocks >= blocks_needed:
                 return w, None
-        first = None if resumed else self.pick_prefill(avoid)
-        if first is not None and self.mode == "colocated":
-            return first, None
-        decode = self.pick_decode(blocks_needed, avoid)
+        if self.mode == "colocated":
+            first = None if resumed else self.pick_prefill(avoid, keys, num_tokens)
+            if first is not None:
+                return first, None
+        cands = [
+            w
+            for w in self.ready(self.decode_role)
+            if w.num_blocks >= blocks_needed and w.worker_id not in avoid
+        ]
+        decode = self.chooser.decode(cands, keys)
         if decode is None:
             return None
-        return (first, decode) if first is not None else (decode, None)
+        if resumed:
+            return decode.worker, None
+        prefills = [w for w in self.ready(self.first_role) if w.worker_id not in avoid]
+        loads = [w.load for w in prefills]
+        local = num_tokens and self.chooser.prefill_locally(
+            decode, num_tokens, self.block_size, loads
+        )
+        if not prefills or local:
+            return decode.worker, None
+        first = self.chooser.prefill(prefills, keys, num_tokens, self.block_size)
+        return first.worker, decode.worker
 
     def never_fits(self, blocks_needed: int) -> str | None:
         """Why a request needing `blocks_needed` KV blocks (prompt + max_tokens) could never run

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 
+from baton.scheduler.routing import POLICIES, RoutingConfig
 from baton.server.flags import (
     ENGINE_FLAGS,
     FORWARDED,
@@ -61,6 +62,33 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
         default=10.0,
         help="seconds of silence before a worker is declared dead",
     )
+    d = RoutingConfig()
+    p.add_argument(
+        "--routing",
+        default=d.policy,
+        choices=POLICIES,
+        help="kv: by the prompt's cached blocks against queues; load: least loaded; round-robin",
+    )
+    p.add_argument(
+        "--kv-load-weight",
+        type=int,
+        default=d.load_weight,
+        help="kv routing: prompt tokens one queued request on a worker is worth",
+    )
+    p.add_argument(
+        "--max-local-prefill-tokens",
+        type=int,
+        default=d.max_local_prefill_tokens,
+        help="disagg: a decode worker prefills a prompt itself when at most this many of its "
+        "tokens are not cached there (0: never)",
+    )
+    p.add_argument(
+        "--prefill-backlog",
+        type=int,
+        default=d.prefill_backlog,
+        help="disagg: decode workers prefill locally when every prefill worker has this many "
+        "requests (0: never)",
+    )
 
 
 def _engine_config(args, num_on_device: int = 1):
@@ -88,6 +116,12 @@ def _serve_config(args, control: str):
             mode=args.mode,
             control=control,
             heartbeat_timeout_s=args.heartbeat_timeout,
+            routing=RoutingConfig(
+                policy=args.routing,
+                load_weight=args.kv_load_weight,
+                max_local_prefill_tokens=args.max_local_prefill_tokens,
+                prefill_backlog=args.prefill_backlog,
+            ),
             max_num_requests=args.max_num_requests,
             request_timeout_s=args.request_timeout,
             curve=_curve_keys(args),

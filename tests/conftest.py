@@ -70,7 +70,7 @@ def disagg():
     """`baton serve` (1 prefill + 1 decode worker) for the tests that only send it requests."""
     from tests.server.router.test_serve_e2e import Server
 
-    s = Server("--mode", "disagg")
+    s = Server("--mode", "disagg", "--max-local-prefill-tokens", "0")  # every prompt handed off
     yield s
     s.stop()
 

@@ -110,7 +110,10 @@ class Cluster:
 
     def start_router(self, env: dict[str, str] | None = None, wait: bool = True) -> None:
         args = ["router", "--port", str(self.port), "--control", self.control]
-        args += ["--mode", self.mode, "--heartbeat-timeout", "3", *BASE, *self.router_args]
+        # NOTE: every prompt is handed off unless a caller's router_args say otherwise, so the
+        # handoff paths are what the fault tests and benchmarks exercise.
+        args += ["--mode", self.mode, "--heartbeat-timeout", "3", "--max-local-prefill-tokens", "0"]
+        args += [*BASE, *self.router_args]
         self.router = self._spawn("router", args, env)
         if wait:
             self.wait_router()

@@ -147,6 +147,19 @@ class Metrics:
             "Workers lost while registered (died, went silent, or left); their requests resumed.",
             registry=r,
         )
+        self.routed_cached_tokens = Counter(
+            "baton:routing_cached_prompt_tokens",
+            "Prompt tokens the worker chosen for a request's prompt already held in its prefix "
+            "cache (as the router's index of KV events saw it): prefill saved by routing.",
+            registry=r,
+        )
+        self.placements = Counter(
+            "baton:requests_placed",
+            "Requests placed, by path: handed_off (prefill worker, then KV to a decode worker), "
+            "local (a decode worker prefilled it itself) or colocated.",
+            ["path"],
+            registry=r,
+        )
         self._workers = _WorkerGauges()
         r.register(self._workers)
         self._prefix_totals: dict[str, tuple[int, int]] = {}
@@ -196,6 +209,11 @@ class Metrics:
         self._prefix_totals[worker_id] = (queries_total, hits_total)
         self.prefix_queries.labels(worker=worker_id).inc(max(dq, 0))
         self.prefix_hits.labels(worker=worker_id).inc(max(dh, 0))
+
+    def observe_routing(self, cached_tokens: int, handed_off: bool, local: bool) -> None:
+        self.routed_cached_tokens.inc(cached_tokens)
+        path = "handed_off" if handed_off else "local" if local else "colocated"
+        self.placements.labels(path=path).inc()
 
     def observe_kv_transfer(self, nbytes: int, seconds: float) -> None:
         self.kv_bytes.inc(nbytes)

@@ -36,8 +36,8 @@ class ZmqCluster:
         self.model_name = model_name
         self.block_size = block_size
         self.metrics = metrics
-        self.pool = Pool(config.mode, config.model)
-        self.relay = RequestRelay(config, self.pool, block_size, self._send)
+        self.pool = Pool(config.mode, config.model, config.routing)
+        self.relay = RequestRelay(config, self.pool, block_size, self._send, metrics)
         self.control = WorkerControl(config, self.pool, self.relay, max_model_len, metrics)
         self.endpoint = self.control.endpoint
 
@@ -60,7 +60,12 @@ class ZmqCluster:
         return self.pool.health()
 
     def workers(self) -> list[dict]:
-        return [w.as_dict() for w in self.pool.workers.values()]
+        """Each worker as `/workers` shows it, with the prefix blocks the router's index holds
+        for it (from its KV events)."""
+        return [
+            {**w.as_dict(), "cached_blocks": self.pool.index.size(w.worker_id)}
+            for w in self.pool.workers.values()
+        ]
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams

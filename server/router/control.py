@@ -161,6 +161,11 @@ class WorkerControl:
             if first and self.metrics is not None:
                 self.metrics.observe_queue_time(msg.queue_time_s)
             self.relay.deliver(msg)
+        elif isinstance(msg, m.KVEvents):
+            ok = self.pool.index.apply(ident, msg.seq, msg.reset, msg.stored, msg.removed)
+            if not ok:
+                logger.warning("lost track of worker %s's KV events; asking for a snapshot", ident)
+                await self.send(ident, m.KVResync(reason=f"batch {msg.seq} out of order"))
         elif isinstance(msg, m.KVReport):
             if self.metrics is not None and msg.ok:
                 self.metrics.observe_kv_transfer(msg.nbytes, msg.seconds)

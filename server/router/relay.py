@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+from baton.scheduler.kv_index import prompt_keys
 from baton.scheduler.placement import Pool, WorkerState
 from baton.scheduler.sampling_params import SamplingParams
 from baton.server.api.cluster import NoWorkerAvailable, Overloaded, RequestFailed, TokenEvent
@@ -31,8 +32,11 @@ Send = Callable[[str, object], Awaitable[bool]]  # (worker id, message) -> wheth
 class RequestRelay:
     """The requests in flight, by id and by the id of their current attempt on the wire."""
 
-    def __init__(self, config: RouterConfig, pool: Pool, block_size: int, send: Send) -> None:
+    def __init__(
+        self, config: RouterConfig, pool: Pool, block_size: int, send: Send, metrics=None
+    ) -> None:
         self.config = config
+        self.metrics = metrics
         self.pool = pool
         self.block_size = block_size
         self.send = send
@@ -77,7 +81,10 @@ class RequestRelay:
         why = self.pool.never_fits(blocks)
         if why is not None:
             raise ValueError(why)
-        plan = self.pool.plan(blocks, resumed=False)
+        stream.keys = prompt_keys(stream.prompt_token_ids, self.block_size)
+        plan = self.pool.plan(
+            blocks, resumed=False, keys=stream.keys, num_tokens=len(stream.prompt_token_ids)
+        )
         if plan is None:
             raise NoWorkerAvailable(self._missing_role())
         self.streams[request_id] = stream
@@ -102,6 +109,10 @@ class RequestRelay:
         self.by_wire_id[wire_id] = stream
         stream.attempt = Attempt(first.worker_id, decode.worker_id if decode else None)
         self.pool.assign(wire_id, stream.attempt.involved)
+        if self.metrics is not None and not stream.generated:
+            cached = self.pool.index.matched(first.worker_id, stream.keys) * self.block_size
+            local = decode is None and self.pool.mode == "disagg"
+            self.metrics.observe_routing(cached, handed_off=decode is not None, local=local)
         gen = m.Generate(
             request_id=wire_id,
             prompt_token_ids=stream.prompt_token_ids,
@@ -125,7 +136,7 @@ class RequestRelay:
                 raise RequestFailed(f"{reason}; gave up after {stream.num_attempts} attempts", 503)
             blocks = stream.blocks_needed(self.block_size)
             resumed = bool(stream.generated) or recompute_on is not None
-            plan = self.pool.plan(blocks, resumed, frozenset(avoid), recompute_on)
+            plan = self.pool.plan(blocks, resumed, frozenset(avoid), recompute_on, keys=stream.keys)
             if plan is None:
                 raise RequestFailed(f"{reason}; no worker is left to resume the request", 503)
             logger.warning(

@@ -51,6 +51,7 @@ class Stream:
     attempt: Attempt = field(default_factory=Attempt)  # the current one; empty between them
     generated: list[int] = field(default_factory=list)  # every token streamed to the client
     num_attempts: int = 0
+    keys: list[int] = field(default_factory=list)  # the prompt's block keys (see kv_index)
 
     def next_wire_id(self) -> str:
         self.num_attempts += 1

@@ -306,6 +306,33 @@ class KVReport:
         _non_negative(self, "nbytes", "seconds")
 
 
+@dataclass(frozen=True, kw_only=True)
+class KVEvents:
+    """Worker -> router: prefix-cache blocks that became findable (`stored`) or stopped being
+    (`removed`), as keys (see baton.scheduler.kv_index). `seq` numbers the batches; `reset`
+    starts a snapshot (what the router knew of this worker is dropped first)."""
+
+    TYPE: ClassVar[str] = "kv_events"
+    worker_id: str
+    seq: int
+    reset: bool
+    stored: list[int]
+    removed: list[int]
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "seq")
+        _check_token_ids("stored", self.stored)
+        _check_token_ids("removed", self.removed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KVResync:
+    """Router -> worker: the router lost track of its KV events; send a snapshot."""
+
+    TYPE: ClassVar[str] = "kv_resync"
+    reason: str
+
+
 MESSAGES: dict[str, type] = {
     cls.TYPE: cls
     for cls in (
@@ -325,5 +352,7 @@ MESSAGES: dict[str, type] = {
         KVAck,
         KVAbort,
         KVReport,
+        KVEvents,
+        KVResync,
     )
 }

@@ -27,6 +27,7 @@ from baton.server.wire.logprobs import logprob_to_wire
 from baton.server.wire.params import params_from_dict
 from baton.server.worker.config import WorkerConfig
 from baton.server.worker.health import HealthServer
+from baton.server.worker.kv_events import KVEventPublisher
 from baton.server.worker.kv_link import KVReceiver, KVSender
 from baton.server.worker.registration import await_acceptance, register_message
 
@@ -76,6 +77,9 @@ class Worker:
                 self.id,
                 config.kv_timeout_s,
             )
+        self.kv_events = KVEventPublisher(
+            self.engine.batcher.block_manager, self._send_ctrl, self.id
+        )
         self.alive = True
         self.registered = False
         self.last_tick = time.monotonic()  # the loop's last turn (the liveness probe)
@@ -116,6 +120,7 @@ class Worker:
         await_acceptance(self.ctrl, self.config)
         logger.info("worker %s registered as %s", self.id, self.config.role)
         self.registered = True
+        self.kv_events.snapshot()
 
     def run(self) -> None:
         beats = threading.Thread(target=self._beat_loop, name="heartbeat", daemon=True)
@@ -193,6 +198,7 @@ class Worker:
                 self._read_all(sock, self.sender.on_frames)
         if self.engine.has_unfinished_requests():
             self._publish(self.engine.step())
+        self.kv_events.publish()
         self.sender.ship_ready_blocks()
         now = time.monotonic()
         if now - self._last_timeout_check >= min(1.0, self.config.kv_timeout_s / 4):
@@ -253,6 +259,9 @@ class Worker:
             self.register()
             if self.draining:
                 self._beat_now.set()
+        elif isinstance(msg, m.KVResync):
+            logger.info("router asks for a KV snapshot: %s", msg.reason)
+            self.kv_events.snapshot()
         elif isinstance(msg, m.RegisterReply) and not msg.accepted:
             logger.error("the router dropped this worker: %s", msg.reason)
             self.alive = False

@@ -12,6 +12,7 @@ import pytest
 
 from baton import SamplingParams
 from baton.scheduler.placement import WorkerState
+from baton.scheduler.routing import RoutingConfig
 from baton.server.api.cluster import NoWorkerAvailable
 from baton.server.api.metrics import Metrics
 from baton.server.config import EngineConfig
@@ -70,8 +71,9 @@ async def collect(cluster, rid, prompt, params):
     raise AssertionError("stream ended without a finish")
 
 
-@pytest.mark.parametrize("mode", ["disagg", "colocated"])
+@pytest.mark.parametrize("mode", ["disagg", "colocated", "local"])
 def test_tokens_through_the_router_equal_the_offline_engine(tiny_config_dir, mode):
+    """`local`: a disagg pool whose decode worker prefills short prompts itself."""
     ref = LLMEngine(engine_config(tiny_config_dir))
     want = []
     for i, p in enumerate(PROMPTS):
@@ -84,9 +86,12 @@ def test_tokens_through_the_router_equal_the_offline_engine(tiny_config_dir, mod
 
     async def main():
         metrics = Metrics()
-        cluster = ZmqCluster(RouterConfig(mode=mode), None, 512, "tiny", metrics=metrics)
+        routing = RoutingConfig(max_local_prefill_tokens=10_000 if mode == "local" else 0)
+        pool_mode = "colocated" if mode == "colocated" else "disagg"
+        config = RouterConfig(mode=pool_mode, routing=routing)
+        cluster = ZmqCluster(config, None, 512, "tiny", metrics=metrics)
         cluster.start()
-        roles = ["prefill", "decode"] if mode == "disagg" else ["both"]
+        roles = ["prefill", "decode"] if pool_mode == "disagg" else ["both"]
         workers = [
             start_worker(
                 cluster.endpoint, tiny_config_dir, r, f"{r}-{mode}", max_num_batched_tokens=16
@@ -110,6 +115,15 @@ def test_tokens_through_the_router_equal_the_offline_engine(tiny_config_dir, mod
             handoffs = sample("baton:kv_transfer_duration_seconds_count")
             shipped = sample("baton:kv_transfer_bytes_total")
             assert sample("baton:kv_transfer_failures_total") == 0
+            placed = sample(
+                "baton:requests_placed_total",
+                {
+                    "path": {"local": "local"}.get(
+                        mode, "handed_off" if mode == "disagg" else "colocated"
+                    )
+                },
+            )
+            assert placed == len(PROMPTS)
             if mode == "disagg":
                 block = workers[0][0].engine.runner.kv_cache[0].nbytes
                 assert handoffs == len(PROMPTS)
@@ -140,7 +154,7 @@ def test_tokens_through_the_router_equal_the_offline_engine(tiny_config_dir, mod
             bad, t = start_worker(
                 cluster.endpoint,
                 tiny_config_dir,
-                "decode" if mode == "disagg" else "both",
+                "decode" if pool_mode == "disagg" else "both",
                 f"bad-{mode}",
                 block_size=32,
             )

@@ -12,7 +12,7 @@ from baton.server.wire import messages as m
 
 
 def test_every_message_has_a_unique_type_name_and_is_frozen_and_keyword_only():
-    assert len(m.MESSAGES) == 16
+    assert len(m.MESSAGES) == 18
     for name, cls in m.MESSAGES.items():
         assert name == cls.TYPE and dataclasses.is_dataclass(cls)
         assert cls.__dataclass_params__.frozen
