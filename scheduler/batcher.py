@@ -102,11 +102,15 @@ class Batcher:
         return seq
 
     def reserve(self, seq: Sequence) -> bool:
-        """Allocate blocks, outside the batch, for a prompt whose KV will arrive from elsewhere.
-        Raises ValueError if it could never fit; returns False, holding nothing, if the blocks are
-        not free now."""
+        """Allocate blocks, outside the batch, for a prompt whose KV will arrive from elsewhere;
+        the leading blocks this cache already holds are shared, not allocated (their count is
+        `seq.num_cached_tokens // block_size`: the sender skips them). Raises ValueError if it
+        could never fit; returns False, holding nothing, if the blocks are not free now."""
         self.check(seq)
-        if not self.block_manager.allocate_slots(seq, seq.num_prompt_tokens):
+        self.block_manager.match_prefix(seq)
+        if not self.block_manager.allocate_slots(seq, seq.num_uncomputed_tokens):
+            self.block_manager.free(seq)
+            seq.num_computed_tokens = seq.num_cached_tokens = 0
             return False
         seq.status = SequenceStatus.WAITING
         return True

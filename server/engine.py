@@ -379,11 +379,18 @@ class LLMEngine:
         return blocks
 
     def commit_prefilled(
-        self, request_id: str, first_token: int, first_logprobs: tuple | list | None = None
+        self,
+        request_id: str,
+        first_token: int,
+        first_logprobs: tuple | list | None = None,
+        num_cached_tokens: int = 0,
     ) -> RequestOutput | None:
         """The reserved prompt's KV is in place: decode from its first token on. Returns an
-        output only if the first token already ends the request."""
+        output only if the first token already ends the request. `num_cached_tokens`: what the
+        prefill worker found cached (what the request reports; blocks this worker held and
+        shared are a saving of the handoff, not of the prefill)."""
         seq = self.handoffs.commit(request_id, first_token)
+        seq.num_cached_tokens = num_cached_tokens
         if seq.params.guided and not seq.is_finished:
             try:
                 self.guided.ready(request_id, wait=True)

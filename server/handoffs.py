@@ -40,7 +40,8 @@ class Outgoing:
     request_id: str
     endpoint: str = ""
     opened: bool | None = None  # None until KVOpenReply
-    shipped: int = 0  # leading blocks already sent
+    shipped: int = 0  # leading blocks already sent (or held by the decode worker)
+    skipped: int = 0  # leading blocks the decode worker held: not sent
     handoff: Handoff | None = None  # set once the prompt is done
     detached: Sequence | None = None  # the prompt's sequence, out of the batch, with its blocks
     done_sent: bool = False
@@ -64,6 +65,7 @@ class Incoming:
     block_ids: list[int]
     received: set[int] = field(default_factory=set)
     last_activity: float = 0.0
+    num_cached: int = 0  # leading blocks this worker's cache held already: never shipped
 
     @property
     def complete(self) -> bool:
@@ -166,7 +168,10 @@ class Handoffs:
             raise ValueError(f"seq_id: {seq.seq_id!r} is already handed off")
         if not self._batcher.reserve(seq):
             return None
-        self._all[seq.seq_id] = Incoming(seq.seq_id, peer, seq, list(seq.block_table))
+        cached = seq.num_cached_tokens // self._block_size
+        inc = Incoming(seq.seq_id, peer, seq, list(seq.block_table), num_cached=cached)
+        inc.received.update(range(cached))  # held here already: not shipped
+        self._all[seq.seq_id] = inc
         return list(seq.block_table)
 
     def commit(self, request_id: str, first_token: int) -> Sequence:

@@ -133,6 +133,11 @@ class Metrics:
             buckets=KV_TRANSFER_BUCKETS,
             registry=r,
         )
+        self.kv_skipped = Counter(
+            "baton:kv_transfer_skipped_bytes",
+            "KV-cache bytes a handoff did not send: the decode worker held those blocks already.",
+            registry=r,
+        )
         self.kv_failures = Counter(
             "baton:kv_transfer_failures", "KV handoffs that failed.", registry=r
         )
@@ -215,7 +220,8 @@ class Metrics:
         path = "handed_off" if handed_off else "local" if local else "colocated"
         self.placements.labels(path=path).inc()
 
-    def observe_kv_transfer(self, nbytes: int, seconds: float) -> None:
+    def observe_kv_transfer(self, nbytes: int, seconds: float, skipped_nbytes: int = 0) -> None:
+        self.kv_skipped.inc(skipped_nbytes)
         self.kv_bytes.inc(nbytes)
         self.kv_duration.observe(seconds)
 

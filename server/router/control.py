@@ -168,7 +168,7 @@ class WorkerControl:
                 await self.send(ident, m.KVResync(reason=f"batch {msg.seq} out of order"))
         elif isinstance(msg, m.KVReport):
             if self.metrics is not None and msg.ok:
-                self.metrics.observe_kv_transfer(msg.nbytes, msg.seconds)
+                self.metrics.observe_kv_transfer(msg.nbytes, msg.seconds, msg.skipped_nbytes)
             elif self.metrics is not None:
                 self.metrics.observe_kv_transfer_failure()
             if msg.ok:

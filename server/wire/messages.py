@@ -223,6 +223,10 @@ class KVOpenReply:
     request_id: str
     ok: bool
     reason: str
+    cached_blocks: int = 0  # leading blocks the decode worker holds already: not to be shipped
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "cached_blocks")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -301,9 +305,10 @@ class KVReport:
     nbytes: int
     seconds: float
     ok: bool
+    skipped_nbytes: int = 0  # KV the decode worker held already, so not sent
 
     def __post_init__(self) -> None:
-        _non_negative(self, "nbytes", "seconds")
+        _non_negative(self, "nbytes", "seconds", "skipped_nbytes")
 
 
 @dataclass(frozen=True, kw_only=True)

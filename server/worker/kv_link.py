@@ -103,6 +103,7 @@ class KVSender:
         rid = msg.request_id
         if isinstance(msg, m.KVOpenReply):
             out.opened = msg.ok
+            out.shipped = out.skipped = msg.cached_blocks  # the decode worker holds those
             if not msg.ok:
                 self._end(out, ok=False)
                 self._fail(rid, f"decode worker refused the KV: {msg.reason}", retry=True)
@@ -121,9 +122,15 @@ class KVSender:
         if not ok:
             self.engine.abort_request(out.request_id)
         seconds = time.monotonic() - out.first_sent if out.first_sent is not None else 0.0
-        self._send_ctrl(
-            m.KVReport(request_id=out.request_id, nbytes=out.bytes_sent, seconds=seconds, ok=ok)
+        skipped = out.skipped * self.engine.kv_cache[0].nbytes
+        report = m.KVReport(
+            request_id=out.request_id,
+            nbytes=out.bytes_sent,
+            seconds=seconds,
+            ok=ok,
+            skipped_nbytes=skipped,
         )
+        self._send_ctrl(report)
 
     def ship_ready_blocks(self) -> None:
         """Ship complete blocks of every opened handoff; finish the ones whose prompt is done."""
@@ -284,7 +291,8 @@ class KVReceiver:
         inc = self.handoffs.incoming(rid)
         assert inc is not None
         inc.last_activity = time.monotonic()
-        self._send(peer, m.KVOpenReply(request_id=rid, ok=True, reason=""))
+        reply = m.KVOpenReply(request_id=rid, ok=True, reason="", cached_blocks=inc.num_cached)
+        self._send(peer, reply)
 
     def _refuse(self, peer: bytes, request_id: str, reason: str) -> None:
         self._send(peer, m.KVOpenReply(request_id=request_id, ok=False, reason=reason))
@@ -292,7 +300,9 @@ class KVReceiver:
     def _commit(self, peer: bytes, msg: m.KVDone) -> None:
         lps = msg.first_logprobs
         first_lp = logprob_from_wire(lps) if lps else None
-        done = self.engine.commit_prefilled(msg.request_id, msg.first_token, first_lp)
+        done = self.engine.commit_prefilled(
+            msg.request_id, msg.first_token, first_lp, msg.num_cached_tokens
+        )
         self._send(peer, m.KVAck(request_id=msg.request_id, ok=True, reason=""))
         if done is not None:  # the first token already ended it (e.g. max_tokens)
             c = done.outputs[0]

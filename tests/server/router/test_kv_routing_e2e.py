@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+import re
 import threading
 
 import httpx
 import pytest
 
+from baton import SamplingParams
 from baton.bench.cluster import Cluster
 
 pytestmark = pytest.mark.slow
@@ -58,6 +60,31 @@ def test_a_second_turn_lands_where_its_prefix_is_and_computes_only_its_new_token
         assert cached == 160, (took, cached)  # every full block of the earlier turn
     # the two turns went to different workers: each to its own prefix
     assert served(cluster)["p0"] == served(cluster)["p1"] == 2
+
+
+def metric(c: Cluster, name: str) -> float:
+    page = httpx.get(c.url + "/metrics", timeout=10).text
+    m = re.search(rf"^{re.escape(name)} (\S+)$", page, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_a_decode_side_hit_ships_only_the_missing_blocks(cluster, smollm2):
+    """The decode worker holds the previous turn (its prompt and answer): the next turn's
+    handoff sends only the blocks after them, and the tokens are the colocated engine's."""
+    greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    first = prompt(5, 96)  # 6 full blocks
+    complete(cluster, first, 8)
+    answer = smollm2.generate([first], greedy)[0].outputs[0].token_ids
+    turn = first + list(answer) + prompt(6, 40)  # 144 tokens: 9 blocks, 6 held by the decoder
+    cluster.wait_idle()
+    sent0 = metric(cluster, "baton:kv_transfer_bytes_total")
+    skipped0 = metric(cluster, "baton:kv_transfer_skipped_bytes_total")
+    r = complete(cluster, turn, 8)
+    sent = metric(cluster, "baton:kv_transfer_bytes_total") - sent0
+    skipped = metric(cluster, "baton:kv_transfer_skipped_bytes_total") - skipped0
+    assert skipped > 0 and sent > 0
+    assert skipped / sent == 6 / 3  # 6 blocks held, 3 shipped
+    assert r["choices"][0]["text"] == smollm2.generate([turn], greedy)[0].outputs[0].text
 
 
 def test_a_killed_worker_leaves_the_index_and_requests_still_complete(cluster):
