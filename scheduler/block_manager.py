@@ -20,11 +20,20 @@ def hash_block(parent: bytes | None, token_ids: SequenceABC[int]) -> bytes:
     return h.digest()
 
 
-def compute_block_hashes(token_ids: SequenceABC[int], block_size: int) -> list[bytes]:
+def salt_root(salt: str) -> bytes | None:
+    """Where a tenant's chain of block hashes starts (None: the shared, unsalted chain)."""
+    return (
+        hashlib.blake2b(b"cache_salt:" + salt.encode(), digest_size=16).digest() if salt else None
+    )
+
+
+def compute_block_hashes(
+    token_ids: SequenceABC[int], block_size: int, salt: str = ""
+) -> list[bytes]:
     """The chain hash of each full block of `token_ids`, in order (a trailing partial block has
     none). Equal lists mean equal prefixes; `check_invariants` checks each table against them."""
     hashes: list[bytes] = []
-    parent = None
+    parent = salt_root(salt)
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         parent = hash_block(parent, token_ids[start : start + block_size])
         hashes.append(parent)
@@ -80,7 +89,7 @@ class BlockManager:
         if self.enable_prefix_caching:
             bs = self.block_size
             tokens = seq.token_ids
-            parent = None
+            parent = salt_root(seq.params.cache_salt)
             # NOTE: at least one token must be left to compute, so the step that follows samples.
             for i in range((seq.num_tokens - 1) // bs):
                 parent = hash_block(parent, tokens[i * bs : (i + 1) * bs])
@@ -121,7 +130,10 @@ class BlockManager:
             return
         bs = self.block_size
         tokens = seq.token_ids
-        parent = self.block_hashes[seq.block_table[done - 1]] if done else None
+        if done:
+            parent = self.block_hashes[seq.block_table[done - 1]]
+        else:
+            parent = salt_root(seq.params.cache_salt)
         for i in range(done, full):
             block = seq.block_table[i]
             parent = hash_block(parent, tokens[i * bs : (i + 1) * bs])
@@ -184,7 +196,8 @@ class BlockManager:
                 f"{seq.seq_id}: {hashed} hashed blocks, {seq.num_computed_tokens} computed tokens"
             )
             if self.enable_prefix_caching and hashed:
-                expected = compute_block_hashes(seq.token_ids[: hashed * bs], bs)
+                salt = seq.params.cache_salt
+                expected = compute_block_hashes(seq.token_ids[: hashed * bs], bs, salt)
                 actual = [self.block_hashes[b] for b in table[:hashed]]
                 assert actual == expected, f"{seq.seq_id}: block hashes do not match its tokens"
             for i, block in enumerate(table):

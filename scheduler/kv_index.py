@@ -19,9 +19,9 @@ def key_of(block_hash: bytes) -> int:
     return int.from_bytes(block_hash[:8], "little") & KEY_MASK
 
 
-def prompt_keys(token_ids: Sequence[int], block_size: int) -> list[int]:
+def prompt_keys(token_ids: Sequence[int], block_size: int, salt: str = "") -> list[int]:
     """The keys of a prompt's full blocks, in order (what a worker's cache would hold)."""
-    return [key_of(h) for h in compute_block_hashes(token_ids, block_size)]
+    return [key_of(h) for h in compute_block_hashes(token_ids, block_size, salt)]
 
 
 class KVIndex:

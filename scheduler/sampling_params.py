@@ -37,6 +37,9 @@ class SamplingParams:
     guided: str = ""
     guided_spec: str = ""
     guided_compact: bool = False
+    # Prefix-cache tenant: blocks are shared only between requests with the same salt, so one
+    # tenant's cache hits (and their timing) are invisible to another.
+    cache_salt: str = ""
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -134,6 +137,9 @@ class SamplingParams:
                 f"guided_spec: {len(self.guided_spec.encode())} bytes exceed "
                 f"{MAX_GUIDED_SPEC_BYTES}"
             )
+
+        if not isinstance(self.cache_salt, str) or len(self.cache_salt) > 256:
+            raise bad("cache_salt", "must be a string of at most 256 characters")
 
     def choice(self, i: int) -> SamplingParams:
         """Choice `i` of an n-way request, run as a sequence of its own: n == 1 and, with a seed,

@@ -86,6 +86,7 @@ class _SamplingRequest(_Request):
     min_tokens: Int64 | None = 0
     skip_special_tokens: bool | None = True
     include_stop_str_in_output: bool | None = False
+    cache_salt: Annotated[str, Field(max_length=256)] | None = None  # prefix-cache tenant
     # structured output (see baton.server.api.structured)
     response_format: ResponseFormat | None = None
     guided_json: dict | bool | str | None = None
@@ -123,6 +124,7 @@ class _SamplingRequest(_Request):
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens is not False,
             include_stop_str_in_output=bool(self.include_stop_str_in_output),
+            cache_salt=self.cache_salt or "",
         )
 
 

@@ -81,7 +81,7 @@ class RequestRelay:
         why = self.pool.never_fits(blocks)
         if why is not None:
             raise ValueError(why)
-        stream.keys = prompt_keys(stream.prompt_token_ids, self.block_size)
+        stream.keys = prompt_keys(stream.prompt_token_ids, self.block_size, params.cache_salt)
         plan = self.pool.plan(
             blocks, resumed=False, keys=stream.keys, num_tokens=len(stream.prompt_token_ids)
         )

@@ -215,3 +215,24 @@ def test_check_invariants_catches_corruption():
     bm.ref_counts[a.block_table[1]] += 1
     with pytest.raises(AssertionError, match="not full"):
         bm.check_invariants([a, b])
+
+
+def test_a_cache_salt_keeps_tenants_prefixes_apart():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    shared = list(range(1, 13))
+
+    def salted(seq_id, salt):
+        return Sequence(
+            seq_id=seq_id,
+            prompt_token_ids=shared + [99],
+            params=SamplingParams(cache_salt=salt),
+        )
+
+    a = salted("a", "tenant-a")
+    prefill(bm, a)
+    b = salted("b", "tenant-b")
+    assert bm.match_prefix(b) == 0  # another tenant's blocks are not found
+    c = salted("c", "tenant-a")
+    assert bm.match_prefix(c) == 12  # the same tenant's are
+    assert compute_block_hashes(shared, 4, "tenant-a") != compute_block_hashes(shared, 4)
+    bm.check_invariants([a, c])

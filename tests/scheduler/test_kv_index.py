@@ -103,3 +103,10 @@ def test_matched_counts_the_leading_run_and_drop_forgets():
     index.drop("a")
     assert index.matched("a", [1]) == 0 and index.apply("a", 9, True, [1], [])  # unknown: ignored
     assert index.size("a") == 0
+
+
+def test_prompt_keys_follow_the_salt():
+    tokens = list(range(64))
+    assert prompt_keys(tokens, 16) != prompt_keys(tokens, 16, "t1")
+    assert prompt_keys(tokens, 16, "t1") == prompt_keys(tokens, 16, "t1")
+    assert prompt_keys(tokens, 16, "t1")[0] != prompt_keys(tokens, 16, "t2")[0]

@@ -144,3 +144,14 @@ def test_text_parts_are_joined_for_the_template():
         ChatCompletionRequest.model_validate(
             {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}
         )
+
+
+def test_cache_salt_reaches_sampling_params_and_is_bounded():
+    req = CompletionRequest.model_validate({"model": "m", "prompt": "x", "cache_salt": "tenant-7"})
+    assert req.sampling_params().cache_salt == "tenant-7"
+    assert (
+        CompletionRequest.model_validate({"model": "m", "prompt": "x"}).sampling_params().cache_salt
+        == ""
+    )
+    with pytest.raises(pydantic.ValidationError, match="cache_salt"):
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "cache_salt": "s" * 257})
