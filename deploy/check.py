@@ -10,7 +10,11 @@
   alerts, and `promtool check metrics` on a real /metrics page of a running `baton serve` that
   has served a request (and refused one).
 - Every metric the alerts, the dashboard and the adapter rules query is one Baton exports
-  (read off that same page), and the dashboard is well-formed.
+  (read off that same page), and every metric Baton exports is on some dashboard panel.
+- The dashboard is well-formed: panel ids unique, panels inside the 24-column grid and not
+  overlapping, every panel and query on the `${datasource}` variable, refIds unique within a
+  panel, and every query parses as PromQL (`promtool check rules`, Grafana's `$__*` variables
+  replaced by a range).
 - The Dockerfile runs as a non-root user with a health check on /health; docker-compose's
   services and Prometheus' targets agree.
 
@@ -39,6 +43,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 K8S_VERSION = "1.33.0"
 METRIC = re.compile(r"\bbaton:[A-Za-z0-9_:]+")
+GRAFANA_RANGE = re.compile(r"\$\{?__(rate_interval|interval|range)\}?")  # Grafana's, in a query
 BIN = Path(sys.executable).parent  # tools installed beside this interpreter come first
 
 
@@ -186,6 +191,105 @@ class Check:
                 for name in METRIC.findall(expr):
                     if name not in exported:
                         self.fail(where, f"queries {name}, which Baton does not export")
+        shown = {name for expr in queries["dashboard"] for name in METRIC.findall(expr)}
+        for family, series in sorted(exported_families(page).items()):
+            if family.startswith("baton:") and not series & shown:
+                self.fail("dashboard", f"no panel shows {family}, which Baton exports")
+
+    # ---- Grafana --------------------------------------------------------------------------------
+
+    def dashboards(self) -> None:
+        queries: dict[str, str] = {}  # "<file> panel <id> (<title>), query <refId>" -> PromQL
+        for path in sorted((self.deploy / "grafana" / "dashboards").glob("*.json")):
+            where = f"grafana/dashboards/{path.name}"
+            try:
+                dash = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                self.fail(where, f"not JSON: {e}")
+                continue
+            self.dashboard_layout(where, dash)
+            for panel in all_panels(dash):
+                name = f"panel {panel.get('id')} ({panel.get('title', '')})"
+                targets = panel.get("targets", [])
+                if panel.get("type") == "row":
+                    if targets:
+                        self.fail(where, f"{name} is a row, which runs no queries")
+                    continue
+                if panel.get("datasource", {}).get("uid") != "${datasource}":
+                    self.fail(where, f"{name} is not on the ${{datasource}} variable")
+                refs: set[str] = set()
+                for t in targets:
+                    ref = t.get("refId")
+                    if ref is None or ref in refs:
+                        self.fail(where, f"{name}: refId {ref!r} missing or used twice")
+                    refs.add(ref)
+                    if t.get("datasource", {}).get("uid") != "${datasource}":
+                        self.fail(
+                            where, f"{name}, query {ref}: not on the ${{datasource}} variable"
+                        )
+                    if not t.get("expr"):
+                        self.fail(where, f"{name}, query {ref}: no expr")
+                        continue
+                    key = f"{where} {name}, query {ref}"
+                    while key in queries:  # a duplicate id or refId, failed above
+                        key += "'"
+                    queries[key] = GRAFANA_RANGE.sub("5m", t["expr"])
+        self.promql(queries)
+
+    def dashboard_layout(self, where: str, dash: dict) -> None:
+        """Ids unique across the dashboard; each panel inside the 24-column grid; the top-level
+        panels (rows included) do not overlap, nor do those inside one collapsed row."""
+        ids: dict[object, str] = {}
+        layers = [dash.get("panels", [])]
+        layers += [p.get("panels", []) for p in layers[0] if p.get("type") == "row"]
+        for layer in layers:
+            placed: list[tuple[str, dict]] = []
+            for panel in layer:
+                pid, title = panel.get("id"), panel.get("title", "")
+                name = f"panel {pid} ({title})"
+                if not isinstance(pid, int):
+                    self.fail(where, f"panel {title!r} has no numeric id")
+                elif pid in ids:
+                    self.fail(where, f"panel id {pid} is used twice ({ids[pid]!r}, {title!r})")
+                else:
+                    ids[pid] = title
+                g = panel.get("gridPos", {})
+                if not all(isinstance(g.get(k), int) for k in ("h", "w", "x", "y")):
+                    self.fail(where, f"{name} has no gridPos h, w, x and y")
+                    continue
+                if min(g["x"], g["y"]) < 0 or min(g["w"], g["h"]) < 1 or g["x"] + g["w"] > 24:
+                    self.fail(where, f"{name} lies outside the 24-column grid: {g}")
+                for other, o in placed:
+                    if (
+                        g["x"] < o["x"] + o["w"]
+                        and o["x"] < g["x"] + g["w"]
+                        and g["y"] < o["y"] + o["h"]
+                        and o["y"] < g["y"] + g["h"]
+                    ):
+                        self.fail(where, f"{name} overlaps {other}")
+                placed.append((name, g))
+
+    def promql(self, queries: dict[str, str]) -> None:
+        """Every query parses: promtool reads each as a recording rule, one group apiece."""
+        if not queries:
+            return
+        groups = [
+            {"name": k, "rules": [{"record": "dashboard", "expr": v}]} for k, v in queries.items()
+        ]
+        with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as f:
+            yaml.safe_dump({"groups": groups}, f)
+        try:
+            r = run([tool("promtool"), "check", "rules", f.name])
+        finally:
+            os.unlink(f.name)
+        if r.returncode == 0:
+            return
+        out = (r.stdout + r.stderr).replace(f.name, "dashboard queries")
+        found = re.findall(r'group "(.*)", rule \d+, "dashboard": could not parse (.*)', out)
+        for where, why in found:
+            self.fail(where, f"does not parse as PromQL: {why.removeprefix('expression: ')}")
+        if not found:
+            self.fail("grafana/dashboards", out.strip())
 
     # ---- containers -----------------------------------------------------------------------------
 
@@ -209,14 +313,37 @@ class Check:
                         self.fail("prometheus/prometheus.yml", f"target {target} is no service")
 
 
+def all_panels(dash: dict) -> list[dict]:
+    """The dashboard's panels, with those inside collapsed rows."""
+    panels = []
+    for panel in dash.get("panels", []):
+        panels.append(panel)
+        panels += panel.get("panels", []) if panel.get("type") == "row" else []
+    return panels
+
+
 def dashboard_queries(folder: Path) -> list[str]:
     exprs = []
     for path in sorted(folder.glob("*.json")):
-        dash = json.loads(path.read_text())
-        for panel in dash["panels"]:
-            for target in panel.get("targets", []):
-                exprs.append(target["expr"])
+        with contextlib.suppress(json.JSONDecodeError):  # Check.dashboards names that file
+            for panel in all_panels(json.loads(path.read_text())):
+                for target in panel.get("targets", []):
+                    exprs.append(target.get("expr", ""))
     return exprs
+
+
+def exported_families(page: str) -> dict[str, set[str]]:
+    """Each metric family on a page (its # TYPE name, less _total) and the series names that
+    query it; a counter's or histogram's _created gauge goes with its family."""
+    families = {}
+    for line in page.splitlines():
+        if line.startswith("# TYPE "):
+            families[line.split()[2].removesuffix("_total")] = exported_series(line)
+    return {
+        name: series
+        for name, series in families.items()
+        if not any(name in other for o, other in families.items() if o != name)
+    }
 
 
 def exported_series(page: str) -> set[str]:
@@ -304,6 +431,7 @@ def main() -> int:
     check.kubernetes()
     check.prometheus()
     check.containers()
+    check.dashboards()
     page = args.metrics_page.read_text() if args.metrics_page else live_metrics_page()
     if args.save_metrics_page:
         args.save_metrics_page.write_text(page)

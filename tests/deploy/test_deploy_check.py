@@ -1,6 +1,7 @@
 """`make deploy-check` passes on the repo's deploy/ and fails, naming the file, on a copy broken
 on purpose: a manifest off the Kubernetes schema, a worker without its drain, an alert that does
-not parse, a dashboard querying a metric Baton does not export."""
+not parse, a dashboard querying a metric Baton does not export or leaving one out, two panels
+with one id or on one spot, a panel query that does not parse."""
 
 from __future__ import annotations
 
@@ -67,6 +68,30 @@ BREAKS = {
         "baton:generation_tokens_total",
         "baton:generated_tokens_total",
         "queries baton:generated_tokens_total, which Baton does not export",
+    ),
+    "metric left off the dashboard": (
+        "grafana/dashboards/baton.json",
+        "baton:routing_cached_prompt_tokens_total",
+        "baton:prompt_tokens_total",
+        "no panel shows baton:routing_cached_prompt_tokens, which Baton exports",
+    ),
+    "duplicate panel id": (
+        "grafana/dashboards/baton.json",
+        '"id": 17,',
+        '"id": 16,',
+        "panel id 16 is used twice",
+    ),
+    "overlapping panels": (
+        "grafana/dashboards/baton.json",
+        '"x": 12,\n        "y": 57',
+        '"x": 6,\n        "y": 57',
+        "panel 17 (Requests by placement path) overlaps panel 16",
+    ),
+    "panel query syntax": (
+        "grafana/dashboards/baton.json",
+        "sum by (path) (rate(baton:requests_placed_total",
+        "sum by (path) (rate((baton:requests_placed_total",
+        "query A: does not parse as PromQL",
     ),
     "yaml": (
         "kubernetes/base/disruption.yaml",
