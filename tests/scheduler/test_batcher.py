@@ -306,3 +306,23 @@ def test_freed_reservation_holds_nothing():
     assert b.block_manager.num_used_blocks == 0
     with pytest.raises(ValueError, match="260 tokens need 65 KV blocks"):
         b.reserve(make_seq("big", 250, max_tokens=10))
+
+
+def test_a_reservation_shares_the_cached_prefix_and_refcounts_stay_right():
+    """Decode-side reuse: the reserved prompt takes the blocks this cache holds (shared with a
+    running sequence), allocates only the rest, and freeing either leaves the other intact."""
+    b = make_batcher(num_blocks=16)
+    b.add(make_seq("a", 9, max_tokens=8))  # tokens 10..18: blocks of 4
+    step(b)
+    a = b.running[0]
+    seq = make_seq("r", 13, max_tokens=4)  # the same first 9 tokens, then more
+    assert b.reserve(seq)
+    assert seq.num_cached_tokens == 8 and seq.block_table[:2] == a.block_table[:2]
+    bm = b.block_manager
+    assert [bm.ref_counts[x] for x in seq.block_table[:2]] == [2, 2]
+    bm.check_invariants([*b.live_seqs, seq])
+    b.free(seq)  # the handoff was aborted: a's blocks are untouched
+    assert [bm.ref_counts[x] for x in a.block_table[:2]] == [1, 1]
+    bm.check_invariants(b.live_seqs)
+    run_to_end(b)
+    assert bm.num_used_blocks == 0
