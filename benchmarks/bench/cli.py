@@ -2,6 +2,7 @@
 
 baton bench --base-url http://127.0.0.1:8000 --num-prompts 64 --max-concurrency 8
 baton bench --endpoint /v1/chat/completions --dataset conversations --request-rate 2
+baton bench --endpoint /v1/chat/completions --dataset multi-turn --num-conversations 8 --turns 4
 baton bench sweep --max-concurrency 1 2 4 8 --output-dir benchmarks/results/sweep
 """
 
@@ -13,7 +14,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from baton.bench import datasets
+from baton.bench import datasets, multi_turn
 from baton.bench.machine import command_line, machine_info
 from baton.bench.metrics import compute_metrics, format_table, parse_goodput, per_request
 from baton.bench.runner import LoadConfig, run_load
@@ -25,7 +26,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="", help="default: the server's first model")
     p.add_argument("--api-key", default=None)
     p.add_argument(
-        "--dataset", default="random", choices=["random", "shared-prefix", "conversations"]
+        "--dataset",
+        default="random",
+        choices=["random", "shared-prefix", "conversations", "multi-turn"],
     )
     p.add_argument("--dataset-path", default=None, help="conversations: a JSONL file")
     p.add_argument("--num-prompts", type=int, default=100)
@@ -34,6 +37,11 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--range-ratio", type=float, default=0.0, help="lengths in len*(1 +- r)")
     p.add_argument("--num-groups", type=int, default=4, help="shared-prefix: system prompts")
     p.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: their length")
+    p.add_argument("--num-conversations", type=int, default=8, help="multi-turn: clients")
+    p.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation")
+    p.add_argument(
+        "--turn-input-len", type=int, default=64, help="multi-turn: new user words per turn"
+    )
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1: Poisson")
     p.add_argument("--num-warmups", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -94,12 +102,25 @@ def run_once(args, request_rate: float, max_concurrency: int | None) -> dict:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    reqs = make_requests(args)
-    results, duration = asyncio.run(run_load(reqs, cfg))
-    results = results[args.num_warmups :] if args.num_warmups else results
+    extra: dict = {}
+    if args.dataset == "multi-turn":
+        convs = multi_turn.make_conversations(
+            args.num_conversations, args.turns, args.turn_input_len, args.range_ratio, args.seed
+        )
+        results, duration = asyncio.run(multi_turn.run_multi_turn(convs, cfg, args.output_len))
+        extra["turns"] = {
+            "turn_input_len": args.turn_input_len,
+            "output_len": args.output_len,
+            **multi_turn.turn_stats(results),
+        }
+    else:
+        results, duration = asyncio.run(run_load(make_requests(args), cfg))
+        results = results[args.num_warmups :] if args.num_warmups else results
     metrics = compute_metrics(results, duration, goodput)
     title = f"{args.label or 'Serving Benchmark Result'}"
     print(format_table(metrics, title))
+    if "turns" in extra:
+        print(multi_turn.format_turns(extra["turns"]))
     load = dataclasses.asdict(cfg)
     load["request_rate"] = str(request_rate) if request_rate == float("inf") else request_rate
     load.pop("api_key")
@@ -109,6 +130,7 @@ def run_once(args, request_rate: float, max_concurrency: int | None) -> dict:
         "load": load,
         **metrics,
         **per_request(results),
+        **extra,
     }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import httpx
@@ -56,6 +56,22 @@ async def _arrivals(reqs: list[BenchRequest], cfg: LoadConfig) -> AsyncIterator[
         yield req
 
 
+# send(client, url, req, body, headers, run_start) -> the request's result; client.send's shape
+Sender = Callable[..., Awaitable[RequestResult]]
+
+
+def headers_for(cfg: LoadConfig) -> dict:
+    return {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+
+
+def new_client(cfg: LoadConfig, transport: httpx.AsyncBaseTransport | None = None):
+    """An AsyncClient with no connection cap and the run's timeout."""
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(cfg.timeout_s), limits=limits, transport=transport
+    )
+
+
 async def resolve_model(client: httpx.AsyncClient, cfg: LoadConfig, headers: dict) -> str:
     if cfg.model:
         return cfg.model
@@ -64,17 +80,18 @@ async def resolve_model(client: httpx.AsyncClient, cfg: LoadConfig, headers: dic
     return r.json()["data"][0]["id"]
 
 
-async def run_load(reqs: list[BenchRequest], cfg: LoadConfig) -> tuple[list[RequestResult], float]:
-    """(results in request order, seconds from the first send to the last answer)."""
-    headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
+async def run_load(
+    reqs: list[BenchRequest], cfg: LoadConfig, sender: Sender = send
+) -> tuple[list[RequestResult], float]:
+    """(results in request order, seconds from the first send to the last answer). `sender`:
+    what sends one request (e.g. multi_turn.send_turn, which also keeps the text and usage)."""
+    headers = headers_for(cfg)
     url = cfg.base_url.rstrip("/") + cfg.endpoint
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    timeout = httpx.Timeout(cfg.timeout_s)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+    async with new_client(cfg) as client:
         model = await resolve_model(client, cfg, headers)
         body = {id(r): request_body(r, cfg.endpoint, model, cfg.ignore_eos) for r in reqs}
         for warm in reqs[: cfg.num_warmups]:  # untimed: first-request costs stay out
-            w = await send(client, url, warm, body[id(warm)], headers, time.perf_counter())
+            w = await sender(client, url, warm, body[id(warm)], headers, time.perf_counter())
             if not w.success:
                 raise RuntimeError(f"the warm-up request failed: {w.error}")
         sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
@@ -83,10 +100,10 @@ async def run_load(reqs: list[BenchRequest], cfg: LoadConfig) -> tuple[list[Requ
 
         async def one(req: BenchRequest) -> RequestResult:
             if sem is None:
-                res = await send(client, url, req, body[id(req)], headers, start)
+                res = await sender(client, url, req, body[id(req)], headers, start)
             else:
                 async with sem:
-                    res = await send(client, url, req, body[id(req)], headers, start)
+                    res = await sender(client, url, req, body[id(req)], headers, start)
             bar.update(1)
             return res
 
