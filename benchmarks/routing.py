@@ -99,7 +99,7 @@ def run_workload(c: Cluster, args, workload: str) -> tuple[dict, list, Metrics |
             reqs = datasets.random_requests(
                 args.random_requests, args.random_input_len, args.output_len, 0.0, False, seed=3
             )
-        run = run_load(reqs, cfg, sender=multi_turn.send_turn)
+        run = run_load(reqs, cfg)
     results, duration = asyncio.run(run)
     return compute_metrics(results, duration), results, (at_first[0] if at_first else None)
 

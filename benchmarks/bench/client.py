@@ -46,12 +46,15 @@ async def send(
     body: dict,
     headers: dict,
     run_start: float,
+    result: RequestResult | None = None,
 ) -> RequestResult:
-    """Streams one request; never raises for what the server or the network does."""
+    """Streams one request into `result` (a new RequestResult if None); never raises for what
+    the server or the network does."""
     t0 = time.perf_counter()
-    result = RequestResult(False, req.prompt_len, 0, t0 - run_start)
+    if result is None:
+        result = RequestResult(False, req.prompt_len, 0, t0 - run_start)
     last = t0
-    chunks = 0
+    chunks, parts = 0, []
     try:
         async with client.stream("POST", url, json=body, headers=headers) as r:
             if r.status_code != 200:
@@ -69,7 +72,8 @@ async def send(
                     result.error = f"stream error: {json.dumps(chunk['error'])[:300]}"
                     return result
                 now = time.perf_counter()
-                if _content(chunk):
+                if text := _content(chunk):
+                    parts.append(text)
                     if chunks == 0:
                         result.ttft = now - t0
                     else:
@@ -80,7 +84,10 @@ async def send(
                 if usage:
                     result.prompt_len = usage.get("prompt_tokens", req.prompt_len)
                     result.output_len = usage.get("completion_tokens", chunks)
+                    details = usage.get("prompt_tokens_details") or {}
+                    result.cached_tokens = details.get("cached_tokens") or 0
         result.latency = time.perf_counter() - t0
+        result.text = "".join(parts)
         if chunks == 0:
             result.error = "the stream carried no content"
             return result

@@ -28,6 +28,8 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
     latency: float = 0.0
     error: str = ""
+    text: str = ""  # what the stream carried (content or text), in order
+    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens, when reported
 
     @property
     def tpot(self) -> float | None:

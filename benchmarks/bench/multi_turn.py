@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from dataclasses import dataclass, field
 import httpx
 from tqdm.asyncio import tqdm
 
-from baton.bench.client import request_body
+from baton.bench.client import request_body, send
 from baton.bench.datasets import BenchRequest, _lengths, _text
 from baton.bench.metrics import RequestResult
 from baton.bench.runner import (
@@ -43,8 +42,6 @@ class Conversation:
 class TurnResult(RequestResult):
     conversation: int = -1
     turn: int = -1
-    text: str = ""  # the answer as received
-    cached_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens
 
 
 def make_conversations(
@@ -90,14 +87,6 @@ def _words(prompt: str | list[dict]) -> int:
     return sum(len(m["content"].split()) for m in prompt)
 
 
-def _chunk_text(chunk: dict) -> str:
-    choices = chunk.get("choices") or []
-    if not choices:
-        return ""
-    c = choices[0]
-    return ((c.get("delta") or {}).get("content") if "delta" in c else c.get("text")) or ""
-
-
 async def send_turn(
     client: httpx.AsyncClient,
     url: str,
@@ -106,51 +95,9 @@ async def send_turn(
     headers: dict,
     run_start: float,
 ) -> TurnResult:
-    """As client.send, and keeps the answer's text and the usage's cached tokens."""
-    t0 = time.perf_counter()
-    result = TurnResult(False, req.prompt_len, 0, t0 - run_start)
-    last, chunks, parts = t0, 0, []
-    try:
-        async with client.stream("POST", url, json=body, headers=headers) as r:
-            if r.status_code != 200:
-                text = (await r.aread()).decode("utf-8", "replace")
-                result.error = f"HTTP {r.status_code}: {text[:300]}"
-                return result
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    result.error = f"stream error: {json.dumps(chunk['error'])[:300]}"
-                    return result
-                now = time.perf_counter()
-                if text := _chunk_text(chunk):
-                    parts.append(text)
-                    if chunks == 0:
-                        result.ttft = now - t0
-                    else:
-                        result.itl.append(now - last)
-                    chunks += 1
-                    last = now
-                if usage := chunk.get("usage"):
-                    result.prompt_len = usage.get("prompt_tokens", req.prompt_len)
-                    result.output_len = usage.get("completion_tokens", chunks)
-                    details = usage.get("prompt_tokens_details") or {}
-                    result.cached_tokens = details.get("cached_tokens") or 0
-        result.latency = time.perf_counter() - t0
-        result.text = "".join(parts)
-        if chunks == 0:
-            result.error = "the stream carried no content"
-            return result
-        if result.output_len == 0:
-            result.output_len = chunks
-        result.success = True
-    except (httpx.HTTPError, json.JSONDecodeError, OSError) as e:
-        result.error = f"{type(e).__name__}: {str(e)[:300]}"
-    return result
+    """client.send into a TurnResult (which keeps the answer's text and cached tokens)."""
+    result = TurnResult(False, req.prompt_len, 0, time.perf_counter() - run_start)
+    return await send(client, url, req, body, headers, run_start, result)
 
 
 async def run_multi_turn(

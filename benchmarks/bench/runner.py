@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
@@ -57,7 +57,6 @@ async def _arrivals(reqs: list[BenchRequest], cfg: LoadConfig) -> AsyncIterator[
 
 
 # send(client, url, req, body, headers, run_start) -> the request's result; client.send's shape
-Sender = Callable[..., Awaitable[RequestResult]]
 
 
 def headers_for(cfg: LoadConfig) -> dict:
@@ -80,18 +79,15 @@ async def resolve_model(client: httpx.AsyncClient, cfg: LoadConfig, headers: dic
     return r.json()["data"][0]["id"]
 
 
-async def run_load(
-    reqs: list[BenchRequest], cfg: LoadConfig, sender: Sender = send
-) -> tuple[list[RequestResult], float]:
-    """(results in request order, seconds from the first send to the last answer). `sender`:
-    what sends one request (e.g. multi_turn.send_turn, which also keeps the text and usage)."""
+async def run_load(reqs: list[BenchRequest], cfg: LoadConfig) -> tuple[list[RequestResult], float]:
+    """(results in request order, seconds from the first send to the last answer)."""
     headers = headers_for(cfg)
     url = cfg.base_url.rstrip("/") + cfg.endpoint
     async with new_client(cfg) as client:
         model = await resolve_model(client, cfg, headers)
         body = {id(r): request_body(r, cfg.endpoint, model, cfg.ignore_eos) for r in reqs}
         for warm in reqs[: cfg.num_warmups]:  # untimed: first-request costs stay out
-            w = await sender(client, url, warm, body[id(warm)], headers, time.perf_counter())
+            w = await send(client, url, warm, body[id(warm)], headers, time.perf_counter())
             if not w.success:
                 raise RuntimeError(f"the warm-up request failed: {w.error}")
         sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
@@ -100,10 +96,10 @@ async def run_load(
 
         async def one(req: BenchRequest) -> RequestResult:
             if sem is None:
-                res = await sender(client, url, req, body[id(req)], headers, start)
+                res = await send(client, url, req, body[id(req)], headers, start)
             else:
                 async with sem:
-                    res = await sender(client, url, req, body[id(req)], headers, start)
+                    res = await send(client, url, req, body[id(req)], headers, start)
             bar.update(1)
             return res
 
