@@ -234,13 +234,14 @@ class Pool:
         if resumed:
             return decode.worker, None
         prefills = [w for w in self.ready(self.first_role) if w.worker_id not in avoid]
-        loads = [w.load for w in prefills]
-        local = num_tokens and self.chooser.prefill_locally(
-            decode, num_tokens, self.block_size, loads
-        )
-        if not prefills or local:
-            return decode.worker, None
         first = self.chooser.prefill(prefills, keys, num_tokens, self.block_size)
+        if first is None:
+            return decode.worker, None
+        loads = [w.load for w in prefills]
+        if num_tokens and self.chooser.prefill_locally(
+            decode, first, num_tokens, self.block_size, loads
+        ):
+            return decode.worker, None
         return first.worker, decode.worker
 
     def never_fits(self, blocks_needed: int) -> str | None:

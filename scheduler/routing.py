@@ -8,7 +8,9 @@ least loaded prefill worker and the freest decode worker, whatever they hold; `r
 takes the ready workers in turn.
 
 Conditional disaggregation (disagg pools): a decode worker prefills the prompt itself when the
-part of it that it does not hold is at most `max_local_prefill_tokens` tokens, or when every
+part of it that it does not hold is at most `max_local_prefill_tokens` tokens; or at most
+`max_local_turn_tokens` when it holds more of the prompt than the prefill worker that would get
+it (a next turn, whose history only the decode worker that answered holds); or when every
 prefill worker has at least `prefill_backlog` requests (0: never).
 """
 
@@ -26,12 +28,14 @@ class RoutingConfig:
     policy: str = "kv"
     load_weight: int = 256  # tokens of prefill one queued request is worth
     max_local_prefill_tokens: int = 32
+    max_local_turn_tokens: int = 128
     prefill_backlog: int = 0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"routing: must be one of {POLICIES}, got {self.policy!r}")
-        if self.load_weight < 0 or self.max_local_prefill_tokens < 0 or self.prefill_backlog < 0:
+        bounds = (self.load_weight, self.max_local_prefill_tokens, self.max_local_turn_tokens)
+        if min(*bounds, self.prefill_backlog) < 0:
             raise ValueError("routing weights and bounds must be non-negative")
 
 
@@ -86,11 +90,17 @@ class Chooser:
         return Choice(best[4], -best[0])
 
     def prefill_locally(
-        self, decode: Choice, num_tokens: int, block_size: int, prefill_loads
+        self, decode: Choice, prefill: Choice, num_tokens: int, block_size: int, prefill_loads
     ) -> bool:
-        """Whether the decode worker should prefill the prompt itself."""
+        """Whether the decode worker should prefill the prompt itself (`prefill`: the prefill
+        worker the prompt would go to otherwise)."""
         uncached = max(0, num_tokens - decode.cached_blocks * block_size)
         if uncached <= self.config.max_local_prefill_tokens:
+            return True
+        # A conversation's next turn: its history lives on this decode worker only; computing
+        # the new part here beats recomputing the history on a prefill worker.
+        holds_more = decode.cached_blocks > prefill.cached_blocks
+        if holds_more and uncached <= self.config.max_local_turn_tokens:
             return True
         backlog = self.config.prefill_backlog
         return bool(backlog) and all(load >= backlog for load in prefill_loads)

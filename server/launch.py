@@ -83,6 +83,13 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
         "tokens are not cached there (0: never)",
     )
     p.add_argument(
+        "--max-local-turn-tokens",
+        type=int,
+        default=d.max_local_turn_tokens,
+        help="disagg: ... or at most this many when it holds more of the prompt than the "
+        "prefill worker would (a next turn of a conversation it answered)",
+    )
+    p.add_argument(
         "--prefill-backlog",
         type=int,
         default=d.prefill_backlog,
@@ -120,6 +127,7 @@ def _serve_config(args, control: str):
                 policy=args.routing,
                 load_weight=args.kv_load_weight,
                 max_local_prefill_tokens=args.max_local_prefill_tokens,
+                max_local_turn_tokens=args.max_local_turn_tokens,
                 prefill_backlog=args.prefill_backlog,
             ),
             max_num_requests=args.max_num_requests,

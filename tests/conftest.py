@@ -70,7 +70,10 @@ def disagg():
     """`baton serve` (1 prefill + 1 decode worker) for the tests that only send it requests."""
     from tests.server.router.test_serve_e2e import Server
 
-    s = Server("--mode", "disagg", "--max-local-prefill-tokens", "0")  # every prompt handed off
+    # every prompt handed off
+    s = Server(
+        "--mode", "disagg", "--max-local-prefill-tokens", "0", "--max-local-turn-tokens", "0"
+    )
     yield s
     s.stop()
 

@@ -112,7 +112,8 @@ class Cluster:
         args = ["router", "--port", str(self.port), "--control", self.control]
         # NOTE: every prompt is handed off unless a caller's router_args say otherwise, so the
         # handoff paths are what the fault tests and benchmarks exercise.
-        args += ["--mode", self.mode, "--heartbeat-timeout", "3", "--max-local-prefill-tokens", "0"]
+        args += ["--mode", self.mode, "--heartbeat-timeout", "3"]
+        args += ["--max-local-prefill-tokens", "0", "--max-local-turn-tokens", "0"]
         args += [*BASE, *self.router_args]
         self.router = self._spawn("router", args, env)
         if wait:

@@ -13,8 +13,14 @@ from tests.scheduler.test_placement import worker
 KEYS = list(range(100, 110))  # a 10-block prompt (160 tokens at block size 16)
 
 
-def pool(policy="kv", local=0, backlog=0, weight=256, **workers) -> Pool:
-    cfg = RoutingConfig(policy, weight, local, backlog)
+def pool(policy="kv", local=0, backlog=0, weight=256, turn=0, **workers) -> Pool:
+    cfg = RoutingConfig(
+        policy,
+        load_weight=weight,
+        max_local_prefill_tokens=local,
+        max_local_turn_tokens=turn,
+        prefill_backlog=backlog,
+    )
     p = Pool("disagg", routing=cfg)
     for wid, kw in workers.items():
         p.admit(worker(wid, "prefill" if wid.startswith("p") else "decode", **kw))
@@ -63,6 +69,20 @@ def test_short_uncached_prompts_and_a_backed_up_prefill_pool_stay_local():
     assert p.plan(12, False, keys=KEYS, num_tokens=160) == (p.workers["d0"], None)
     p.workers["p1"].waiting = 1
     assert p.plan(12, False, keys=KEYS, num_tokens=160)[0].worker_id == "p1"
+
+
+def test_a_next_turn_is_prefilled_where_its_history_is():
+    """The decode worker holds more of the prompt than any prefill worker: up to
+    max_local_turn_tokens of new tokens are prefilled there."""
+    p = pool(local=32, turn=128, p0={}, d0={})
+    hold(p, "p0", KEYS[:2])
+    hold(p, "d0", KEYS[:4])  # 96 uncached there, 128 on p0
+    assert p.plan(12, False, keys=KEYS, num_tokens=160) == (p.workers["d0"], None)
+    hold(p, "p0", KEYS[:4])  # as much on the prefill worker: no reason to stay local
+    assert p.plan(12, False, keys=KEYS, num_tokens=160)[1] is not None
+    p = pool(local=32, turn=128, p0={}, d0={})
+    hold(p, "d0", KEYS[:1])  # holds more, but 144 new tokens is past 128
+    assert p.plan(12, False, keys=KEYS, num_tokens=160)[1] is not None
 
 
 def test_a_dead_or_draining_worker_is_dropped_from_the_index():

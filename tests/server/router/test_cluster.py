@@ -86,7 +86,8 @@ def test_tokens_through_the_router_equal_the_offline_engine(tiny_config_dir, mod
 
     async def main():
         metrics = Metrics()
-        routing = RoutingConfig(max_local_prefill_tokens=10_000 if mode == "local" else 0)
+        local = 10_000 if mode == "local" else 0
+        routing = RoutingConfig(max_local_prefill_tokens=local, max_local_turn_tokens=local)
         pool_mode = "colocated" if mode == "colocated" else "disagg"
         config = RouterConfig(mode=pool_mode, routing=routing)
         cluster = ZmqCluster(config, None, 512, "tiny", metrics=metrics)
