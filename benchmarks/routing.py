@@ -2,7 +2,8 @@
 prefill + 2 decode CPU workers (one thread each) run as real processes (baton.bench.cluster).
 
 Per policy (--routing) and --max-local-prefill-tokens (0: all handed off; 32: a decode worker
-prefills what has at most 32 tokens uncached there), a fresh cluster runs multi-turn chats (`baton
+prefills what has at most 32 tokens uncached there, or 128 for a next turn whose history it
+holds: --max-local-turn-tokens 128), a fresh cluster runs multi-turn chats (`baton
 bench --dataset multi-turn`), shared-prefix token prompts, and random ones (what kv costs when
 nothing is cached), reading router /metrics around each (and in multi-turn once every first turn
 is in). Reported: TTFT p50/p90; prefix hit rate of each pool (hit over queried tokens, summed over
@@ -105,7 +106,10 @@ def run_workload(c: Cluster, args, workload: str) -> tuple[dict, list, Metrics |
 
 
 def run_config(args, policy: str, local: int, log_dir: Path) -> tuple[list[dict], dict]:
+    # local on: the router's defaults for a next turn too (--max-local-turn-tokens 128)
+    turn = "0" if local == 0 else "128"
     router_args = ("--routing", policy, "--max-local-prefill-tokens", str(local))
+    router_args += ("--max-local-turn-tokens", turn)
     t0 = time.monotonic()
     rows = []
     with Cluster.running(workers(args), router_args=router_args, log_dir=log_dir) as c:
