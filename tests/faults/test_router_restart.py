@@ -52,5 +52,8 @@ def test_workers_re_register_after_a_router_restart(cluster, reference):
     assert all(p.poll() is None for p in c.workers.values())
     states = c.wait_idle()  # the old router's stream was dropped, its blocks freed
     assert {n: s["served"] for n, s in states.items()} == {"p0": 0, "d0": 0}
+    # the new router's KV index came back with the workers' snapshots: p0 still caches the
+    # full blocks of the prompts it prefilled for the old router
+    assert states["p0"]["cached_blocks"] >= 2, states
     prompt = random_prompt(82, 24)
     assert c.complete(prompt, 8) == reference(prompt, 8)

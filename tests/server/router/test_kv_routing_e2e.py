@@ -88,10 +88,15 @@ def test_a_decode_side_hit_ships_only_the_missing_blocks(cluster, smollm2):
 
 
 def test_a_killed_worker_leaves_the_index_and_requests_still_complete(cluster):
-    cluster.kill("p1")
-    cluster.wait_worker("p1", "dead", timeout=30)
+    c = prompt(7, 160)
+    before = served(cluster)
+    complete(cluster, c)
+    after = served(cluster)
+    (holder,) = [w for w in ("p0", "p1") if after[w] > before[w]]
+    cluster.kill(holder)
+    cluster.wait_worker(holder, "dead", timeout=30)
     workers = {w["id"]: w for w in httpx.get(cluster.url + "/workers", timeout=10).json()}
-    assert workers["p1"]["cached_blocks"] == 0
-    r = complete(cluster, prompt(2, 160) + [1, 2, 3])  # p1's prefix: now computed on p0
+    assert workers[holder]["cached_blocks"] == 0
+    r = complete(cluster, c + [1, 2, 3])  # its prefix: now computed on the other worker
     assert r["choices"][0]["finish_reason"] == "length"
     assert r["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
