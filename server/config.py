@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from baton.scheduler.config import CacheConfig, SchedulerConfig
 from baton.server.wire.messages import DTYPE_SIZES
 
 DTYPES = ("auto", *DTYPE_SIZES)
@@ -73,3 +74,25 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks: must be positive, got {self.num_kv_blocks}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len: must be positive, got {self.max_model_len}")
+
+
+def scheduler_configs(
+    config: EngineConfig, max_model_len: int, num_blocks: int
+) -> tuple[CacheConfig, SchedulerConfig]:
+    """The batcher's configs for an engine: without chunked prefill a step's token budget must
+    hold the longest prompt."""
+    budget = config.max_num_batched_tokens
+    if not config.enable_chunked_prefill:
+        budget = max(budget, max_model_len)
+    cache = CacheConfig(
+        num_blocks=num_blocks,
+        block_size=config.block_size,
+        enable_prefix_caching=config.enable_prefix_caching,
+    )
+    sched = SchedulerConfig(
+        max_num_batched_tokens=budget,
+        max_num_seqs=config.max_num_seqs,
+        max_model_len=max_model_len,
+        enable_chunked_prefill=config.enable_chunked_prefill,
+    )
+    return cache, sched

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 
 import torch
 
 from baton.scheduler.batcher import Batcher
-from baton.scheduler.config import CacheConfig, SchedulerConfig
-from baton.scheduler.limits import settle_max_tokens
+from baton.scheduler.limits import bound_params, check_prior
 from baton.scheduler.sampling_params import SamplingParams
 from baton.scheduler.sequence import Sequence
-from baton.server.config import EngineConfig, resolve_max_model_len
-from baton.server.detokenizer import IncrementalDetokenizer
+from baton.server.config import EngineConfig, resolve_max_model_len, scheduler_configs
 from baton.server.device import resolve_device, resolve_dtype
 from baton.server.guided.decoding import GuidedDecoding
 from baton.server.handoffs import Handoffs
@@ -56,20 +53,10 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks
         if num_blocks is None:
             num_blocks = size_kv_cache(config, mc, self.dtype, self.device, self.max_model_len)
-        self.cache_config = CacheConfig(
-            num_blocks=num_blocks,
-            block_size=config.block_size,
-            enable_prefix_caching=config.enable_prefix_caching,
+        self.cache_config, self.scheduler_config = scheduler_configs(
+            config, self.max_model_len, num_blocks
         )
-        budget = config.max_num_batched_tokens
-        if not config.enable_chunked_prefill:
-            budget = max(budget, self.max_model_len)
-        self.scheduler_config = SchedulerConfig(
-            max_num_batched_tokens=budget,
-            max_num_seqs=config.max_num_seqs,
-            max_model_len=self.max_model_len,
-            enable_chunked_prefill=config.enable_chunked_prefill,
-        )
+        budget = self.scheduler_config.max_num_batched_tokens
         self.batcher = Batcher(self.scheduler_config, self.cache_config)
         self.runner = ModelRunner(
             loaded.model,
@@ -147,35 +134,12 @@ class LLMEngine:
         if params.stop and not self.config.detokenize:
             raise ValueError("stop: stop strings need an engine that detokenizes")
         params = self._bound_params(params, len(token_ids))
-        prior = self._check_prior(prior_output_ids or [], params, handoff)
-        seqs, detoks = [], []
-        for i in range(params.n):
-            child = params.choice(i)
-            seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            seqs.append(
-                Sequence(
-                    seq_id=seq_id,
-                    prompt_token_ids=list(token_ids),
-                    params=child,
-                    eos_token_id=self.eos_token_id,
-                    output_token_ids=list(prior),
-                )
-            )
-            detoks.append(
-                IncrementalDetokenizer(self.tokenizer, token_ids + prior, child)
-                if self.tokenizer is not None and self.config.detokenize
-                else None
-            )
-        req = RequestState(
-            request_id,
-            prompt if isinstance(prompt, str) else None,
-            token_ids,
-            seqs,
-            detoks,
-            [CompletionOutput(index=i) for i in range(params.n)],
-            num_prior=len(prior),
-            handoff=handoff,
+        prior = self.tokenize(check_prior(prior_output_ids or [], params, handoff))
+        tokenizer = self.tokenizer if self.config.detokenize else None
+        req = RequestState.create(
+            request_id, prompt, token_ids, params, prior, handoff, self.eos_token_id, tokenizer
         )
+        seqs = req.seqs
         if params.guided:
             self.guided.check(params)
         for seq in seqs:  # validated before anything is allocated
@@ -193,27 +157,9 @@ class LLMEngine:
         if handoff:
             self.handoffs.expect(request_id)
 
-    def _check_prior(self, prior: list[int], params: SamplingParams, handoff: bool) -> list[int]:
-        if not prior:
-            return []
-        if handoff or params.n != 1:
-            raise ValueError("prior_output_ids: only a single colocated sequence can resume")
-        if len(prior) >= params.max_tokens:
-            raise ValueError(
-                f"prior_output_ids: {len(prior)} tokens already reach max_tokens "
-                f"({params.max_tokens})"
-            )
-        return self.tokenize(list(prior))
-
     def _bound_params(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
-        # NOTE: behind a router max_tokens arrives settled; offline (LLM) this settles it.
-        max_tokens = settle_max_tokens(prompt_len, params.max_tokens, self.max_model_len)
-        params = dataclasses.replace(params, max_tokens=max_tokens)
         extra_eos = tuple(e for e in self.model_config.eos_token_ids if e != self.eos_token_id)
-        if extra_eos and not params.ignore_eos:
-            merged = tuple(dict.fromkeys(params.stop_token_ids + extra_eos))
-            params = dataclasses.replace(params, stop_token_ids=merged)
-        return params
+        return bound_params(params, prompt_len, self.max_model_len, extra_eos)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         h = self.handoffs.pop(request_id)
@@ -284,21 +230,12 @@ class LLMEngine:
     def _admit_held(self) -> list[RequestOutput]:
         """Constrained sequences whose grammar is ready join the batch (waiting for one when
         nothing else could run); a grammar that failed aborts its request."""
-        failed = []
-        for seq in list(self._held):
-            wait = not self.batcher.has_unfinished and seq is self._held[0]
-            try:
-                if not self.guided.ready(seq.seq_id, wait=wait):
-                    continue
-            except ValueError as e:
-                logger.error("request %s: %s", seq.seq_id, e)
-                rid = self._seq_owner[seq.seq_id][0].request_id
-                out = self.abort_request(rid)
-                failed += [out] if out is not None else []
-                continue
+        ready, failed = self.guided.sort_out(self._held, wait=not self.batcher.has_unfinished)
+        for seq in ready:
             self._held.remove(seq)
             self.batcher.add(seq)
-        return failed
+        outs = [self.abort_request(self._seq_owner[seq.seq_id][0].request_id) for seq in failed]
+        return [o for o in outs if o is not None]
 
     def _mark_scheduled(self, seqs: list[Sequence], now: float) -> None:
         for seq in seqs:
@@ -392,13 +329,9 @@ class LLMEngine:
         seq = self.handoffs.commit(request_id, first_token)
         seq.num_cached_tokens = num_cached_tokens
         if seq.params.guided and not seq.is_finished:
-            try:
-                self.guided.ready(request_id, wait=True)
-            except ValueError as e:
-                logger.error("request %s: %s", request_id, e)
-                self.batcher.finish(request_id, "abort")
-            if self.guided.accept(request_id, first_token) and not seq.is_finished:
-                self.batcher.finish(request_id, "stop")  # the first token completes the grammar
+            ending = self.guided.first_token(request_id, first_token)
+            if ending is not None:  # the grammar failed ("abort") or is complete ("stop")
+                self.batcher.finish(request_id, ending)
         req = RequestState(
             request_id, None, list(seq.prompt_token_ids), [seq], [None], queue_time=0.0
         )

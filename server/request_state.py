@@ -6,6 +6,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
+from baton.scheduler.sampling_params import SamplingParams
 from baton.scheduler.sequence import Sequence
 from baton.server.detokenizer import IncrementalDetokenizer
 from baton.server.outputs import CompletionOutput, RequestOutput
@@ -26,6 +27,48 @@ class RequestState:
     handoff: bool = False  # prefill role: hand the KV over after the first token
     arrival_time: float = field(default_factory=time.monotonic)
     queue_time: float | None = None  # arrival to the first step that ran any of its tokens
+
+    @classmethod
+    def create(
+        cls,
+        request_id: str,
+        prompt: str | list[int],
+        token_ids: list[int],
+        params: SamplingParams,
+        prior: list[int],
+        handoff: bool,
+        eos_token_id: int | None,
+        tokenizer,
+    ) -> RequestState:
+        """A new request's state: n sequences (choice i is `request_id#i` with
+        `params.choice(i)`), each with a detokenizer when `tokenizer` is given."""
+        seqs, detoks = [], []
+        for i in range(params.n):
+            child = params.choice(i)
+            seqs.append(
+                Sequence(
+                    seq_id=request_id if params.n == 1 else f"{request_id}#{i}",
+                    prompt_token_ids=list(token_ids),
+                    params=child,
+                    eos_token_id=eos_token_id,
+                    output_token_ids=list(prior),
+                )
+            )
+            detoks.append(
+                None
+                if tokenizer is None
+                else IncrementalDetokenizer(tokenizer, token_ids + prior, child)
+            )
+        return cls(
+            request_id,
+            prompt if isinstance(prompt, str) else None,
+            token_ids,
+            seqs,
+            detoks,
+            [CompletionOutput(index=i) for i in range(params.n)],
+            num_prior=len(prior),
+            handoff=handoff,
+        )
 
     @property
     def finished(self) -> bool:

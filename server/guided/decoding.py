@@ -95,6 +95,30 @@ class GuidedDecoding:
         self._matchers[seq_id] = matcher
         return True
 
+    def sort_out(self, seqs: list, wait: bool) -> tuple[list, list]:
+        """(ready, failed) among held sequences: those whose matcher exists now, and those
+        whose grammar failed to compile (logged). `wait`: block on the first one."""
+        ready, failed = [], []
+        for i, seq in enumerate(seqs):
+            try:
+                if self.ready(seq.seq_id, wait=wait and i == 0):
+                    ready.append(seq)
+            except ValueError as e:
+                logger.error("request %s: %s", seq.seq_id, e)
+                failed.append(seq)
+        return ready, failed
+
+    def first_token(self, seq_id: str, token: int) -> str | None:
+        """A handed-over sequence's first token, sampled under the grammar elsewhere: its
+        matcher (waited for) takes it. The finish reason it leads to, if any: "abort" (the
+        grammar failed to compile) or "stop" (the token completes it)."""
+        try:
+            self.ready(seq_id, wait=True)
+        except ValueError as e:
+            logger.error("request %s: %s", seq_id, e)
+            return "abort"
+        return "stop" if self.accept(seq_id, token) else None
+
     def release(self, seq_id: str) -> None:
         self._matchers.pop(seq_id, None)
         self._pending.pop(seq_id, None)
