@@ -148,12 +148,15 @@ def parse_tool_calls(
     text: str, plan: ToolPlan
 ) -> tuple[str | None, list[responses.ResponseToolCall]]:
     """(content left, calls) of a finished output. A block that is not a call of one of the
-    tools (bad JSON, an unknown name) stays in the content."""
+    tools (bad JSON, an unknown name) stays in the content, and so does every call after the
+    first when the request said parallel_tool_calls false."""
     names = {t.function.name for t in plan.tools}
     calls: list[responses.ResponseToolCall] = []
     kept: list[str] = []
     pos = 0
     for m in _CALL.finditer(text):
+        if calls and not plan.parallel:
+            break  # parallel_tool_calls false: one call; what follows stays content
         call = _call_of(m.group(1), names)
         if call is None:
             continue

@@ -611,3 +611,13 @@ def test_an_unterminated_block_does_not_swallow_the_next_call():
         ("get_time", {"city": "Oslo"})
     ]
     assert content.startswith("<tool_call>")
+
+
+def test_without_parallel_calls_only_the_first_call_is_taken():
+    text = block("get_weather", {"city": "Oslo"}) + "\n" + block("get_time", {"city": "Rome"})
+    one = plan(parallel_tool_calls=False)
+    content, calls = parse_tool_calls(text, one)
+    assert [c.function.name for c in calls] == ["get_weather"]
+    assert content == block("get_time", {"city": "Rome"})
+    _, both = parse_tool_calls(text, plan())
+    assert [c.function.name for c in both] == ["get_weather", "get_time"]
