@@ -15,7 +15,7 @@ from baton.server.config import EngineConfig, resolve_max_model_len, scheduler_c
 from baton.server.device import resolve_device, resolve_dtype
 from baton.server.guided.decoding import GuidedDecoding
 from baton.server.handoffs import Handoffs
-from baton.server.kv_cache import block_bytes, size_kv_cache
+from baton.server.kv_cache import block_bytes, plan_kv_cache
 from baton.server.loader import load_model
 from baton.server.model_runner import ModelRunner
 from baton.server.outputs import CacheStats, CompletionOutput, RequestOutput
@@ -50,9 +50,7 @@ class LLMEngine:
         per_block = block_bytes(
             mc.num_hidden_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, self.dtype
         )
-        num_blocks = config.num_kv_blocks
-        if num_blocks is None:
-            num_blocks = size_kv_cache(config, mc, self.dtype, self.device, self.max_model_len)
+        num_blocks = plan_kv_cache(config, mc, self.dtype, self.device, self.max_model_len)
         self.cache_config, self.scheduler_config = scheduler_configs(
             config, self.max_model_len, num_blocks
         )

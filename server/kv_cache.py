@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+from baton.server import host_memory
+
 logger = logging.getLogger(__name__)
 
 # NOTE: one block holds every layer's K and V contiguously, so a block ships as one chunk.
@@ -28,9 +30,13 @@ def allocate_kv_cache(
     dtype: torch.dtype,
     device: torch.device | str,
 ) -> torch.Tensor:
-    # NOTE: left uninitialised on purpose: backends read only slots written earlier (the torch
-    # backend's test poisons the cache to prove it), and untouched host pages cost no RSS.
-    return torch.empty(
+    # NOTE: written once here, so every page is resident from the start. An untouched host
+    # cache cost no RSS until traffic reached it, so a worker's RSS climbed for as long as new
+    # blocks were first used, and no one could tell that from a leak; and an oversized budget
+    # surfaced as the OOM killer mid-run instead of an error at start (see `plan_kv_cache`).
+    # Backends still read only slots written earlier (the torch backend's test poisons the
+    # cache to prove it).
+    return torch.zeros(
         num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim, dtype=dtype, device=device
     )
 
@@ -92,6 +98,18 @@ def max_useful_blocks(max_num_seqs: int, max_model_len: int, block_size: int) ->
     return 2 * max_num_seqs * -(-max_model_len // block_size)
 
 
+def _activations(config, mc, max_model_len: int, itemsize: int) -> int:
+    return activation_bytes(
+        mc.hidden_size,
+        mc.intermediate_size,
+        (mc.num_attention_heads + 2 * mc.num_key_value_heads) * mc.head_dim,
+        mc.vocab_size,
+        max(config.max_num_batched_tokens, max_model_len),
+        config.max_num_seqs,
+        itemsize,
+    )
+
+
 def size_kv_cache(config, mc, dtype: torch.dtype, device: torch.device, max_model_len: int) -> int:
     """Blocks for an engine with `config` (an EngineConfig) serving a model with config `mc`:
     what the budget holds (`kv_cache_gib` on CPU; on CUDA, what the device has left after the
@@ -100,15 +118,7 @@ def size_kv_cache(config, mc, dtype: torch.dtype, device: torch.device, max_mode
     if device.type != "cuda":
         budget = int(config.kv_cache_gib * 2**30)
     else:
-        activations = activation_bytes(
-            mc.hidden_size,
-            mc.intermediate_size,
-            (mc.num_attention_heads + 2 * mc.num_key_value_heads) * mc.head_dim,
-            mc.vocab_size,
-            max(config.max_num_batched_tokens, max_model_len),
-            config.max_num_seqs,
-            itemsize,
-        )
+        activations = _activations(config, mc, max_model_len, itemsize)
         budget = cuda_kv_budget(device, config.gpu_memory_utilization, activations)
     per_block = block_bytes(
         mc.num_hidden_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, dtype
@@ -123,3 +133,21 @@ def size_kv_cache(config, mc, dtype: torch.dtype, device: torch.device, max_mode
             useful,
         )
     return min(budgeted, useful)
+
+
+def plan_kv_cache(
+    config, mc, dtype: torch.dtype, device: torch.device, max_model_len: int, avail=None
+) -> int:
+    """The engine's block count: `num_kv_blocks` where set, else `size_kv_cache`. A host cache
+    must fit what the machine and its cgroup have left (`host_memory.available`, or `avail`)
+    with a step's activations beside it, or this raises ValueError naming the flag."""
+    n = config.num_kv_blocks or size_kv_cache(config, mc, dtype, device, max_model_len)
+    if device.type != "cuda":
+        per_block = block_bytes(
+            mc.num_hidden_layers, config.block_size, mc.num_key_value_heads, mc.head_dim, dtype
+        )
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        reserve = _activations(config, mc, max_model_len, itemsize)
+        flag = "num_kv_blocks" if config.num_kv_blocks else "--kv-cache-gib (kv_cache_gib)"
+        host_memory.check_fits(n * per_block, reserve, flag, avail)
+    return n

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from baton.server.kv_cache import (
@@ -67,3 +68,37 @@ def test_activation_bound_grows_with_tokens_and_sequences():
 def test_block_count_is_capped_by_what_the_batch_can_use():
     assert max_useful_blocks(256, 8192, 16) == 2 * 256 * 512
     assert max_useful_blocks(1, 17, 16) == 4
+
+
+def test_an_oversized_host_cache_fails_before_allocating_naming_the_flag(tiny_config_dir):
+    from types import SimpleNamespace
+
+    from baton.server.config import EngineConfig
+    from baton.server.host_memory import Available
+    from baton.server.kv_cache import block_bytes, plan_kv_cache
+
+    mc = SimpleNamespace(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=1000, num_hidden_layers=2,
+    )  # fmt: skip
+    cpu = torch.device("cpu")
+    cfg = EngineConfig(model=str(tiny_config_dir), kv_cache_gib=2.0)
+    per_block = block_bytes(2, cfg.block_size, 2, 16, torch.float32)
+    roomy = Available(64 * GIB, "MemAvailable")
+    n = plan_kv_cache(cfg, mc, torch.float32, cpu, 256, roomy)
+    assert n == min(2 * GIB // per_block, max_useful_blocks(cfg.max_num_seqs, 256, 16))
+    tight = Available(n * per_block - 1, "MemAvailable")
+    with pytest.raises(ValueError, match="--kv-cache-gib"):
+        plan_kv_cache(cfg, mc, torch.float32, cpu, 256, tight)
+    fixed = EngineConfig(model=str(tiny_config_dir), num_kv_blocks=10**8)  # 800 GB
+    with pytest.raises(ValueError, match="num_kv_blocks"):
+        plan_kv_cache(fixed, mc, torch.float32, cpu, 256, roomy)
+
+
+def test_the_host_cache_is_resident_from_the_start():
+    from baton.server.host_memory import resident_bytes
+    from baton.server.kv_cache import allocate_kv_cache
+
+    c = allocate_kv_cache(64, 2, 16, 2, 64, torch.float32, "cpu")  # 2 MiB
+    assert resident_bytes(c.data_ptr(), c.nbytes) == c.nbytes
+    assert not c.any()

@@ -171,3 +171,24 @@ def test_a_refused_registration_stops_the_worker_at_once(tiny_config_dir, socket
     finally:
         t.join(timeout=10)
         w.close()
+
+
+def test_an_oversized_kv_budget_stops_the_worker_at_start_naming_the_flag():
+    import subprocess
+    import sys
+
+    from baton.server.host_memory import available
+
+    avail = available()
+    assert avail is not None, "this test needs /proc/meminfo"
+    gib = str(int(4 * avail.nbytes / 2**30) + 1)
+    # NOTE: --max-num-seqs raises the useful-block cap past what is asked, so the budget alone
+    # decides; the router endpoint is never reached.
+    cmd = [sys.executable, "-m", "baton.server.cli", "worker", "--role", "prefill",
+           "--kv-cache-gib", gib, "--max-num-seqs", "65536",
+           "--router", "tcp://127.0.0.1:9"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    last = p.stderr.strip().splitlines()[-1]
+    assert "--kv-cache-gib" in last and "available" in last, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
