@@ -27,6 +27,8 @@ class WorkerState:
     waiting: int = 0
     kv_usage: float = 0.0
     num_free_blocks: int = 0
+    rss_bytes: int = 0  # the worker process's resident memory, from its heartbeats
+    kv_resident_bytes: int = 0  # how much of its KV cache is resident
     assigned: set[str] = field(default_factory=set)  # request ids the router sent here
     served: int = 0  # requests ever placed here
     state: str = "ready"  # "ready", "draining" (finishing its work, takes none) or "dead"
@@ -53,6 +55,8 @@ class WorkerState:
             "kv_usage": self.kv_usage,
             "num_free_blocks": self.num_free_blocks,
             "num_blocks": self.num_blocks,
+            "rss_bytes": self.rss_bytes,
+            "kv_resident_bytes": self.kv_resident_bytes,
             "cpu": self.cpu,
         }
 
@@ -122,14 +126,17 @@ class Pool:
         waiting: int,
         kv_usage: float,
         num_free_blocks: int,
+        rss_bytes: int = 0,
+        kv_resident_bytes: int = 0,
     ) -> None:
-        """The worker's heartbeat: its load, free KV, and whether it is draining."""
+        """The worker's heartbeat: its load, free KV, memory, and whether it is draining."""
         w = self.workers[worker_id]
         if draining and w.state != "draining":
             self.index.drop(worker_id)  # it takes nothing new: its cache attracts nothing
         w.state = "draining" if draining else "ready"
         w.running, w.waiting = running, waiting
         w.kv_usage, w.num_free_blocks = kv_usage, num_free_blocks
+        w.rss_bytes, w.kv_resident_bytes = rss_bytes, kv_resident_bytes
 
     def assign(self, request_id: str, worker_ids: list[str]) -> None:
         """The request was placed on these workers."""

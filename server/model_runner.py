@@ -9,6 +9,7 @@ import torch
 from baton.scheduler.batch import ScheduledBatch
 from baton.server.attention import ForwardContext, get_attention_backend
 from baton.server.cuda_graph import DecodeGraphs, capture_sizes
+from baton.server.host_memory import resident_bytes
 from baton.server.input_batch import InputBatch
 from baton.server.kv_cache import allocate_kv_cache
 from baton.server.models.cpu_linear import is_cpu_float32
@@ -106,3 +107,11 @@ class ModelRunner:
         """Forget a sequence that ended (finished, aborted or handed off)."""
         self.sampler.release(seq_id)
         self.inputs.release(seq_id)
+
+    def kv_resident_bytes(self) -> int:
+        """How much of the KV cache is in memory: on the host, its resident pages (all of them
+        once `allocate_kv_cache` wrote it, unless swapped out); on a GPU, all of it."""
+        c = self.kv_cache
+        if c.device.type != "cpu":
+            return c.nbytes
+        return resident_bytes(c.data_ptr(), c.nbytes)

@@ -11,7 +11,13 @@ import logging
 from collections import Counter as Counter_
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 
 logger = logging.getLogger(__name__)
@@ -37,6 +43,12 @@ _WORKER_GAUGES = (
     ("baton:num_requests_running", "Requests running on the worker.", "running"),
     ("baton:num_requests_waiting", "Requests waiting on the worker.", "waiting"),
     ("baton:kv_cache_usage_perc", "KV-cache usage of the worker. 1 means 100 percent.", "kv_usage"),
+    ("baton:worker_resident_memory_bytes", "Resident memory of the worker process.", "rss_bytes"),
+    (
+        "baton:worker_kv_cache_resident_bytes",
+        "Bytes of the worker's KV cache that are resident in memory.",
+        "kv_resident_bytes",
+    ),
 )
 
 
@@ -80,6 +92,7 @@ class _WorkerGauges:
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        ProcessCollector(registry=r)  # the router's own process_resident_memory_bytes, CPU, fds
         self.ttft = Histogram(
             "baton:time_to_first_token_seconds",
             "Time from the request's arrival to its first token.",

@@ -153,6 +153,8 @@ class WorkerControl:
                 waiting=msg.waiting,
                 kv_usage=msg.kv_usage,
                 num_free_blocks=msg.num_free_blocks,
+                rss_bytes=msg.rss_bytes,
+                kv_resident_bytes=msg.kv_resident_bytes,
             )
             if self.metrics is not None:
                 self.metrics.observe_prefix_cache(ident, msg.prefix_queries, msg.prefix_hits)

@@ -25,7 +25,7 @@ from baton.server.wire.messages import MESSAGES, KVChunk, KVLayout, RegisterRepl
 # 2: KV checksums are XXH3-64 (were crc32); 3: failover and drain fields; 4: Register.cpu;
 # 5: a failure is its own RequestFailed (TokenOutput lost error and retry), Register lost version
 # 6: SamplingParams' guided fields, RequestFailed.bad_request, strings up to 256 KiB
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 # The first version whose fields of a message are this version's: `encode_as` may write it for a
 # peer of any version from there on (the header's layout has been the same since version 1).
 UNCHANGED_SINCE = {RegisterReply.TYPE: 1}

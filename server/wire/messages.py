@@ -117,11 +117,14 @@ class Heartbeat:
     prefix_queries: int
     prefix_hits: int
     draining: bool = False  # stopping: finishes what it has, takes nothing new
+    rss_bytes: int = 0  # the worker process's resident memory
+    kv_resident_bytes: int = 0  # of its KV cache, what is resident (all of it, once written)
 
     def __post_init__(self) -> None:
         _non_negative(
-            self, "running", "waiting", "num_free_blocks", "prefix_queries", "prefix_hits"
-        )
+            self, "running", "waiting", "num_free_blocks", "prefix_queries", "prefix_hits",
+            "rss_bytes", "kv_resident_bytes",
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)

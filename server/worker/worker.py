@@ -20,6 +20,7 @@ import time
 import zmq
 
 from baton.server.engine import LLMEngine
+from baton.server.host_memory import rss_bytes
 from baton.server.outputs import RequestOutput
 from baton.server.wire import codec, curve
 from baton.server.wire import messages as m
@@ -335,4 +336,6 @@ class Worker:
             prefix_queries=s.prefix_queries,
             prefix_hits=s.prefix_hits,
             draining=self.draining,
+            rss_bytes=rss_bytes(),
+            kv_resident_bytes=self.engine.runner.kv_resident_bytes(),
         )

@@ -15,6 +15,7 @@ import uvicorn
 
 from baton.scheduler.sampling_params import SamplingParams
 from baton.server.api.app import build_app
+from baton.server.api.auth import AccessConfig
 from baton.server.api.cluster import NoWorkerAvailable, TokenEvent
 from baton.server.api.metrics import Metrics
 from baton.server.wire import codec
@@ -69,7 +70,15 @@ class FakeCluster:
     worker_list: list[dict] = field(
         default_factory=lambda: [
             {"id": "p0", "role": "prefill", "running": 1, "waiting": 2, "kv_usage": 0.25},
-            {"id": "d0", "role": "decode", "running": 3, "waiting": 0, "kv_usage": 0.5},
+            {
+                "id": "d0",
+                "role": "decode",
+                "running": 3,
+                "waiting": 0,
+                "kv_usage": 0.5,
+                "rss_bytes": 700 << 20,
+                "kv_resident_bytes": 256 << 20,
+            },  # fmt: skip
         ]
     )
 
@@ -145,8 +154,9 @@ class Server:
     def __init__(self, cluster: FakeCluster, api_key: str | None = None, **app_kw) -> None:
         self.cluster, self.api_key = cluster, api_key
         self.metrics = Metrics()
+        access = app_kw.pop("access", AccessConfig(api_key=api_key))
         app = build_app(
-            cluster, served_model_name=ALIAS, api_key=api_key, metrics=self.metrics, **app_kw
+            cluster, served_model_name=ALIAS, access=access, metrics=self.metrics, **app_kw
         )
         config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
         self.server = uvicorn.Server(config)

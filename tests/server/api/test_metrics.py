@@ -54,6 +54,9 @@ def test_worker_gauges_are_read_at_scrape_time(fresh):
     assert m[("baton:num_requests_waiting", *p0)] == 2
     assert m[("baton:num_requests_running", *d0)] == 3
     assert m[("baton:kv_cache_usage_perc", *d0)] == 0.5
+    assert m[("baton:worker_resident_memory_bytes", *d0)] == 700 << 20
+    assert m[("baton:worker_kv_cache_resident_bytes", *d0)] == 256 << 20
+    assert m[("process_resident_memory_bytes",)] > 0  # the router's own, beside them
     fresh.cluster.worker_list = fresh.cluster.worker_list[1:]  # p0 left
     m = samples(fresh.get("/metrics").text)
     assert ("baton:num_requests_running", *p0) not in m

@@ -219,6 +219,28 @@ def test_idle_workers_use_almost_no_cpu(disagg):
     assert max(used) < 0.02, used
 
 
+def rss_of(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_heartbeats_carry_each_workers_memory_to_the_routers_metrics(disagg):
+    from tests.server.api.test_metrics import samples
+
+    time.sleep(1.2)  # a heartbeat since any earlier test
+    ws = [w for w in disagg.workers() if w["state"] == "ready"]
+    m = samples(httpx.get(disagg.url + "/metrics", timeout=10).text)
+    for w in ws:
+        labels = (("role", w["role"]), ("worker", w["id"]))
+        rss = m[("baton:worker_resident_memory_bytes", *labels)]
+        assert rss == w["rss_bytes"] and rss > 200 << 20  # the model's weights at least
+        assert abs(rss - rss_of(w["pid"])) < 64 << 20  # what the kernel says, a beat ago
+        # the KV cache was written at start: all of it is resident (0.1 GiB, whole blocks)
+        kv = m[("baton:worker_kv_cache_resident_bytes", *labels)]
+        assert kv == w["kv_resident_bytes"] and 0.09 * 2**30 < kv <= 0.1 * 2**30
+    assert m[("process_resident_memory_bytes",)] > 0
+
+
 def test_incompatible_workers_are_refused(disagg):
     layout = worker_proc(disagg.control, "--role", "decode", "--block-size", "32")
     # its float32 rounding would differ from the pool's (whose plan /workers shows)
