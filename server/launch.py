@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 
-from baton.scheduler.routing import POLICIES, RoutingConfig
 from baton.server.flags import (
     ENGINE_FLAGS,
     FORWARDED,
@@ -22,6 +21,7 @@ from baton.server.flags import (
     engine_fields,
     forward,
 )
+from baton.server.router.args import add_router_args, curve_keys, serve_config
 
 logger = logging.getLogger("baton")
 
@@ -34,70 +34,6 @@ def _thread_config(args):
     return ThreadConfig(threads=args.threads, wait_policy=args.thread_wait_policy, cpus=cpus)
 
 
-def _curve_keys(args):
-    from baton.server.wire.curve import load_keys
-
-    keys = load_keys(args.curve_key_file)
-    logger.info("ZeroMQ links: %s", "CURVE (encrypted, authenticated)" if keys else "plain")
-    return keys
-
-
-def add_router_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=os.environ.get("BATON_API_KEY"))
-    p.add_argument("--mode", default="disagg", choices=["disagg", "colocated"])
-    p.add_argument(
-        "--max-num-requests",
-        type=int,
-        default=4096,
-        help="requests in flight at once; past it, 429 with Retry-After",
-    )
-    p.add_argument(
-        "--request-timeout", type=float, default=None, help="seconds a request may take (504)"
-    )
-    p.add_argument(
-        "--heartbeat-timeout",
-        type=float,
-        default=10.0,
-        help="seconds of silence before a worker is declared dead",
-    )
-    d = RoutingConfig()
-    p.add_argument(
-        "--routing",
-        default=d.policy,
-        choices=POLICIES,
-        help="kv: by the prompt's cached blocks against queues; load: least loaded; round-robin",
-    )
-    p.add_argument(
-        "--kv-load-weight",
-        type=int,
-        default=d.load_weight,
-        help="kv routing: prompt tokens one queued request on a worker is worth",
-    )
-    p.add_argument(
-        "--max-local-prefill-tokens",
-        type=int,
-        default=d.max_local_prefill_tokens,
-        help="disagg: a decode worker prefills a prompt itself when at most this many of its "
-        "tokens are not cached there (0: never)",
-    )
-    p.add_argument(
-        "--max-local-turn-tokens",
-        type=int,
-        default=d.max_local_turn_tokens,
-        help="disagg: ... or at most this many when it holds more of the prompt than the "
-        "prefill worker would (a next turn of a conversation it answered)",
-    )
-    p.add_argument(
-        "--prefill-backlog",
-        type=int,
-        default=d.prefill_backlog,
-        help="disagg: decode workers prefill locally when every prefill worker has this many "
-        "requests (0: never)",
-    )
-
-
 def _engine_config(args, num_on_device: int = 1):
     from baton.server.config import EngineConfig
 
@@ -105,36 +41,6 @@ def _engine_config(args, num_on_device: int = 1):
     if fields["gpu_memory_utilization"] is None:
         fields["gpu_memory_utilization"] = round(0.85 / max(1, num_on_device), 3)
     return EngineConfig(**fields, show_progress=False, detokenize=False)
-
-
-def _serve_config(args, control: str):
-    from baton.server.router.cluster import RouterConfig
-    from baton.server.router.main import ServeConfig
-
-    return ServeConfig(
-        model=args.model,
-        load_format=args.load_format,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
-        max_model_len=args.max_model_len,
-        block_size=args.block_size,
-        router=RouterConfig(
-            mode=args.mode,
-            control=control,
-            heartbeat_timeout_s=args.heartbeat_timeout,
-            routing=RoutingConfig(
-                policy=args.routing,
-                load_weight=args.kv_load_weight,
-                max_local_prefill_tokens=args.max_local_prefill_tokens,
-                max_local_turn_tokens=args.max_local_turn_tokens,
-                prefill_backlog=args.prefill_backlog,
-            ),
-            max_num_requests=args.max_num_requests,
-            request_timeout_s=args.request_timeout,
-            curve=_curve_keys(args),
-        ),
-    )
 
 
 def run_worker(args) -> int:
@@ -165,7 +71,7 @@ def run_worker(args) -> int:
         register_timeout_s=args.register_timeout,
         health_host=args.health_host,
         health_port=args.health_port,
-        curve=_curve_keys(args),
+        curve=curve_keys(args),
         threads=threads,
         **kw,
     )
@@ -188,7 +94,11 @@ def run_worker(args) -> int:
 def run_router(args) -> int:
     from baton.server.router.main import build_cluster, run_router
 
-    cfg = _serve_config(args, args.control)
+    try:
+        cfg = serve_config(args, args.control)
+    except ValueError as e:  # a key file that cannot be read, a flag out of range
+        print(f"baton router: {e}", file=sys.stderr)
+        return 2
     cluster = build_cluster(cfg)
     print(f"router: workers connect to {cluster.endpoint}", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
@@ -214,7 +124,11 @@ def run_serve(args) -> int:
     """Router in this process, workers as child processes; the URL is printed once ready."""
     from baton.server.router.main import build_cluster, run_router
 
-    cfg = _serve_config(args, "tcp://127.0.0.1:0")
+    try:
+        cfg = serve_config(args, "tcp://127.0.0.1:0")
+    except ValueError as e:
+        print(f"baton serve: {e}", file=sys.stderr)
+        return 2
     # NOTE: uvicorn re-raises the SIGTERM it caught once it has shut down; without a handler of
     # ours that would kill this process before the `finally` below stops the workers.
     signal.signal(signal.SIGTERM, _exit_on_signal)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
-
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -12,9 +10,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import baton
 from baton.server.api import protocol as p
 from baton.server.api import responses
+from baton.server.api.auth import AccessConfig, BearerAuth
 from baton.server.api.body_limit import DEFAULT_MAX_BODY_BYTES, BodyLimit
 from baton.server.api.cluster import Cluster
-from baton.server.api.errors import APIError, error_response, install_error_handlers
+from baton.server.api.errors import install_error_handlers
 from baton.server.api.handlers import Handlers
 from baton.server.api.metrics import Metrics
 
@@ -73,34 +72,17 @@ class CountErrors:
         await self.app(scope, receive, counted)
 
 
-class BearerAuth:
-    """With an API key configured, /v1/* needs `Authorization: Bearer <key>`. Checked before
-    the body is read, so a bad key is a 401 whatever the body holds."""
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            got = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(got, self.expected):
-                err = APIError(401, "invalid or missing API key", code="invalid_api_key")
-                await error_response(err)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
 def build_app(
     cluster: Cluster,
     *,
     served_model_name: str,
-    api_key: str | None = None,
+    access: AccessConfig | None = None,
     metrics: Metrics | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """Routes over `cluster`. It needs: model_name, max_model_len, tokenizer, generate, abort,
     health, workers (see baton.server.api.cluster). A request body over `max_body_bytes` is
-    answered 413 before it is parsed."""
+    answered 413 before it is parsed; `access` says which routes ask for which key."""
     metrics = metrics if metrics is not None else Metrics()
     metrics.watch_workers(cluster.workers)
     handlers = Handlers(cluster, served_model_name, metrics)
@@ -108,8 +90,9 @@ def build_app(
     app.state.metrics, app.state.handlers = metrics, handlers
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    if api_key:
-        app.add_middleware(BearerAuth, api_key=api_key)
+    access = access or AccessConfig()
+    if access.api_key or access.admin_key:
+        app.add_middleware(BearerAuth, access=access)
     app.add_middleware(CountErrors, metrics=metrics)
 
     @app.post("/v1/completions", responses=_generation(responses.CompletionResponse))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from baton.server.api.app import build_app
+from baton.server.api.auth import AccessConfig
 from baton.server.api.metrics import Metrics
 from baton.server.config import resolve_max_model_len
 from baton.server.router.cluster import RouterConfig, ZmqCluster
@@ -22,7 +23,7 @@ class ServeConfig:
     load_format: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None
+    access: AccessConfig = AccessConfig()
     max_model_len: int | None = None
     block_size: int = 16
     router: RouterConfig = RouterConfig()
@@ -49,7 +50,7 @@ async def run_router(config: ServeConfig, cluster: ZmqCluster, ready=None) -> No
     """Serve until cancelled. `ready`, if given, is called once the socket listens."""
     cluster.start()
     app = build_app(
-        cluster, served_model_name=config.model, api_key=config.api_key, metrics=cluster.metrics
+        cluster, served_model_name=config.model, access=config.access, metrics=cluster.metrics
     )
     server = uvicorn.Server(
         uvicorn.Config(app, host=config.host, port=config.port, log_level="warning")

@@ -118,7 +118,7 @@ def test_the_router_builds_without_torch_or_transformers(smollm2):
         "from baton.server.router.main import ServeConfig, build_cluster\n"
         "from baton.server.api.app import build_app\n"
         "b = build_cluster(ServeConfig(model='smollm2'))\n"
-        "build_app(b, served_model_name='smollm2', api_key=None, metrics=b.metrics)\n"
+        "build_app(b, served_model_name='smollm2', metrics=b.metrics)\n"
         "print(b.tokenizer.encode('hi'))\n"
         "heavy = ('torch', 'transformers', 'safetensors', 'gguf', 'triton')\n"
         "print(json.dumps([m for m in heavy if m in sys.modules]))\n"
