@@ -164,6 +164,19 @@ class Pool:
         del self.workers[worker_id]
         self.index.drop(worker_id)
 
+    def prune_dead(self, keep: int = 16) -> list[str]:
+        """Forget all but the `keep` most recently heard-from dead workers; returns the ids
+        forgotten. NOTE: every restart or rollout brings new worker ids, so without this the
+        pool (and `/workers`) would grow for as long as the router runs."""
+        dead = sorted(
+            (w for w in self.workers.values() if w.state == "dead"),
+            key=lambda w: (w.last_seen, w.worker_id),
+        )
+        gone = [w.worker_id for w in dead[: max(0, len(dead) - keep)]]
+        for wid in gone:
+            self.remove(wid)
+        return gone
+
     @property
     def cpu_linear(self) -> str:
         """The float32 CPU linear plan the live workers run ("" where none runs one)."""

@@ -7,6 +7,7 @@ from `cluster.workers()` at scrape time, so a worker that left disappears from t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter as Counter_
 from collections.abc import Callable
@@ -227,6 +228,14 @@ class Metrics:
         self._prefix_totals[worker_id] = (queries_total, hits_total)
         self.prefix_queries.labels(worker=worker_id).inc(max(dq, 0))
         self.prefix_hits.labels(worker=worker_id).inc(max(dh, 0))
+
+    def forget_worker(self, worker_id: str) -> None:
+        """The worker is gone for good: its series go too (new ids come with every restart)."""
+        if self._prefix_totals.pop(worker_id, None) is None:
+            return
+        for counter in (self.prefix_queries, self.prefix_hits):
+            with contextlib.suppress(KeyError):
+                counter.remove(worker_id)
 
     def observe_routing(self, cached_tokens: int, handed_off: bool, local: bool) -> None:
         self.routed_cached_tokens.inc(cached_tokens)

@@ -179,6 +179,8 @@ class WorkerControl:
             logger.info("worker %s left: %s", ident, msg.reason)
             self._worker_lost(ident, f"worker {ident} left ({msg.reason})")
             self.pool.remove(ident)
+            if self.metrics is not None:
+                self.metrics.forget_worker(ident)
         else:
             logger.warning("dropped an unexpected %s from %s", type(msg).__name__, ident)
 
@@ -256,3 +258,6 @@ class WorkerControl:
             del self._peer_fds[fd]
         for wire_id in self.pool.lose(worker_id):
             self.relay.lost(wire_id, worker_id, reason)
+        for gone in self.pool.prune_dead():
+            if self.metrics is not None:
+                self.metrics.forget_worker(gone)

@@ -154,3 +154,19 @@ def test_a_request_larger_than_every_decode_worker_never_fits():
     for w in pool.workers.values():
         w.state = "dead"
     assert pool.never_fits(101) is None  # nothing known: placement says no worker instead
+
+
+def test_only_the_most_recent_dead_workers_are_remembered():
+    pool = Pool("disagg")
+    for i in range(20):
+        w = worker(f"d{i}", "decode")
+        w.last_seen = float(i)
+        assert pool.admit(w) is None
+        pool.index.apply(f"d{i}", 0, True, [i], [])
+        pool.lose(f"d{i}")
+    assert pool.admit(worker("live", "decode")) is None
+    gone = pool.prune_dead(keep=16)
+    assert gone == [f"d{i}" for i in range(4)]  # the longest silent go first
+    assert sorted(pool.workers) == sorted(["live", *(f"d{i}" for i in range(4, 20))])
+    assert pool.prune_dead(keep=16) == []
+    assert pool.workers["live"].state == "ready"

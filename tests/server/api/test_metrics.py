@@ -128,3 +128,19 @@ def test_every_error_answer_is_counted_by_status(fresh):
     assert m[("baton:request_errors_total", ("status", "400"))] == 2
     assert m[("baton:request_errors_total", ("status", "404"))] == 1
     assert not any(k[0] == "baton:request_errors_total" and k[1][1] == "200" for k in m)
+
+
+def test_a_forgotten_worker_takes_its_series_with_it():
+    metrics = Metrics()
+    metrics.observe_prefix_cache("d0", 10, 4)
+    metrics.observe_prefix_cache("d1", 5, 1)
+    metrics.forget_worker("d0")
+    metrics.forget_worker("never-seen")  # nothing to forget: no error
+    m = samples(metrics.render().decode())
+    assert ("baton:prefix_cache_queries_total", ("worker", "d0")) not in m
+    assert m[("baton:prefix_cache_queries_total", ("worker", "d1"))] == 5
+    metrics.observe_prefix_cache("d0", 3, 0)  # back under the same id: counts from its totals
+    assert (
+        samples(metrics.render().decode())[("baton:prefix_cache_queries_total", ("worker", "d0"))]
+        == 3
+    )
