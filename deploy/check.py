@@ -5,10 +5,13 @@
   schemas (kubernetes-validate --strict), then checked for what Baton relies on: every worker
   Deployment has startup, readiness and liveness probes, a preStop drain and a grace period
   longer than its drain; the GPU overlay asks for GPUs; every PodDisruptionBudget, Service and
-  HorizontalPodAutoscaler points at something that exists; every HPA metric has an adapter rule.
-- Prometheus: `promtool check config` on the scrape configs, `promtool check rules` on the
-  alerts, and `promtool check metrics` on a real /metrics page of a running `baton serve` that
-  has served a request (and refused one).
+  HorizontalPodAutoscaler points at something that exists; every HPA metric has an adapter rule;
+  the router pod carries no `prometheus.io/scrape` annotation (it cannot send a key).
+- Prometheus: `promtool check config` on the scrape configs (compose's, and the Kubernetes
+  scrape job wrapped in a config of its own), `promtool check rules` on the alerts, and
+  `promtool check metrics` on a real /metrics page of a running `baton serve` that has served a
+  request (and refused one). Every scrape of the router sends a key (its /metrics asks for
+  one), and every `job="..."` the alerts and the dashboard select is a job both setups define.
 - Every metric the alerts, the dashboard and the adapter rules query is one Baton exports
   (read off that same page), and every metric Baton exports is on some dashboard panel.
 - The dashboard is well-formed: panel ids unique, panels inside the 24-column grid and not
@@ -16,7 +19,8 @@
   panel, and every query parses as PromQL (`promtool check rules`, Grafana's `$__*` variables
   replaced by a range).
 - The Dockerfile runs as a non-root user with a health check on /health; docker-compose's
-  services and Prometheus' targets agree.
+  services and Prometheus' targets agree, and Prometheus sends the router's key from the same
+  compose secret the router reads it from.
 
     python deploy/check.py                      # what `make deploy-check` runs
     python deploy/check.py --deploy-dir /tmp/x  # a copy (the tests break one on purpose)
@@ -43,6 +47,8 @@ import yaml
 HERE = Path(__file__).resolve().parent
 K8S_VERSION = "1.33.0"
 METRIC = re.compile(r"\bbaton:[A-Za-z0-9_:]+")
+JOB = re.compile(r'\bjob\s*=\s*"([^"]*)"')  # a job="..." selector, in a query
+K8S_SCRAPE = "kubernetes/prometheus-scrape.yaml"
 GRAFANA_RANGE = re.compile(r"\$\{?__(rate_interval|interval|range)\}?")  # Grafana's, in a query
 BIN = Path(sys.executable).parent  # tools installed beside this interpreter come first
 
@@ -117,6 +123,15 @@ class Check:
         for name in ("baton-router", "baton-prefill", "baton-decode"):
             if name not in deployments:
                 self.fail(where, f"no Deployment {name}")
+        router = deployments.get("baton-router")
+        if router is not None:
+            annotations = router["spec"]["template"]["metadata"].get("annotations", {})
+            if "prometheus.io/scrape" in annotations:
+                self.fail(
+                    where,
+                    "baton-router has a prometheus.io/scrape annotation, which cannot send the "
+                    "key /metrics asks for: scrape it with kubernetes/prometheus-scrape.yaml",
+                )
         for name in ("baton-prefill", "baton-decode"):
             d = deployments.get(name)
             if d is None:
@@ -163,12 +178,52 @@ class Check:
         promtool = tool("promtool")
         prom = self.deploy / "prometheus"
         for cfg in sorted(prom.glob("prometheus*.yml")):
+            # --syntax-only: the files it names (rules, credentials) exist in the container only
             r = run([promtool, "check", "config", "--syntax-only", str(cfg)])
             if r.returncode != 0:
                 self.fail(f"prometheus/{cfg.name}", (r.stdout + r.stderr).strip())
         r = run([promtool, "check", "rules", str(prom / "alerts.yml")])
         if r.returncode != 0:
             self.fail("prometheus/alerts.yml", (r.stdout + r.stderr).strip())
+        jobs = {"prometheus/prometheus.yml": prometheus_jobs(prom / "prometheus.yml")}
+        jobs[K8S_SCRAPE] = self.kubernetes_scrape()
+        selected = selected_jobs(self.deploy)
+        for where, defined in jobs.items():
+            for job in sorted(selected - {j.get("job_name") for j in defined}):
+                self.fail(where, f"no scrape job {job}, which the alerts or the dashboard select")
+
+    def kubernetes_scrape(self) -> list[dict]:
+        """The Kubernetes scrape jobs (a `scrape_configs` list), checked by promtool inside a
+        config of their own; each must send a key."""
+        try:
+            jobs = yaml.safe_load((self.deploy / K8S_SCRAPE).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            self.fail(K8S_SCRAPE, f"cannot read it: {e}")
+            return []
+        if not isinstance(jobs, list) or not all(isinstance(j, dict) for j in jobs) or not jobs:
+            self.fail(K8S_SCRAPE, "not a list of scrape jobs (a `scrape_configs` entry)")
+            return []
+        checked = jobs
+        if not promtool_config_ok({"scrape_configs": [{"job_name": "sd", **K8S_SD_PROBE}]})[0]:
+            # NOTE: Debian's promtool is built without Kubernetes service discovery: it gets
+            # each job with a static target in its place, and kubernetes_sd_configs is checked here.
+            checked = []
+            for job in jobs:
+                for problem in kubernetes_sd_problems(job.get("kubernetes_sd_configs", [])):
+                    self.fail(K8S_SCRAPE, f"job {job.get('job_name')}: {problem}")
+                job = {k: v for k, v in job.items() if k != "kubernetes_sd_configs"}
+                checked.append({**job, "static_configs": [{"targets": ["baton-router:8000"]}]})
+        ok, out = promtool_config_ok({"scrape_configs": checked}, K8S_SCRAPE)
+        if not ok:
+            self.fail(K8S_SCRAPE, out)
+        for job in jobs:
+            if not job.get("authorization", {}).get("credentials_file"):
+                self.fail(
+                    K8S_SCRAPE,
+                    f"job {job.get('job_name')} sends no key (authorization: credentials_file), "
+                    "and the router's /metrics asks for one",
+                )
+        return jobs
 
     def metrics_page(self, page: str) -> None:
         r = run([tool("promtool"), "check", "metrics"], input=page)
@@ -305,12 +360,114 @@ class Check:
         for needed in ("router", "prefill", "decode", "prometheus", "grafana"):
             if needed not in services:
                 self.fail("docker-compose.yaml", f"no {needed} service")
-        prom = yaml.safe_load((self.deploy / "prometheus" / "prometheus.yml").read_text())
-        for job in prom["scrape_configs"]:
-            for static in job.get("static_configs", []):
-                for target in static["targets"]:
-                    if target.split(":")[0] not in services:
-                        self.fail("prometheus/prometheus.yml", f"target {target} is no service")
+        self.compose_scrape(compose)
+
+    def compose_scrape(self, compose: dict) -> None:
+        """Each target is a service; where the router's /metrics asks for a key, every job
+        scraping it sends that key, from the compose secret the router reads it from."""
+        services = compose.get("services", {})
+        router = services.get("router", {})
+        cmd = router.get("command", [])
+        cmd = cmd.split() if isinstance(cmd, str) else [str(a) for a in cmd]
+        # /metrics asks for the admin key, or the API key where no admin key is set
+        key_file = flag_value(cmd, "--admin-key-file") or flag_value(cmd, "--api-key-file")
+        secret = secret_mounts(router).get(key_file) if key_file else None
+        if key_file and secret is None:
+            self.fail("docker-compose.yaml", f"router: {key_file} is no compose secret's path")
+        if "--metrics-public" in cmd:
+            secret = None
+        prom_secrets = secret_mounts(services.get("prometheus", {}))
+        where = "prometheus/prometheus.yml"
+        for job in prometheus_jobs(self.deploy / "prometheus" / "prometheus.yml"):
+            name = job.get("job_name")
+            targets = [t for s in job.get("static_configs", []) for t in s.get("targets", [])]
+            for target in targets:
+                if target.split(":")[0] not in services:
+                    self.fail(where, f"target {target} is no service")
+            if secret is None or not any(t.split(":")[0] == "router" for t in targets):
+                continue
+            cred = job.get("authorization", {}).get("credentials_file")
+            if cred is None:
+                self.fail(
+                    where,
+                    f"job {name} sends no key (authorization: credentials_file), and the "
+                    f"router's /metrics asks for the one in compose secret {secret}",
+                )
+            elif prom_secrets.get(cred) != secret:
+                self.fail(
+                    where,
+                    f"job {name} reads its key from {cred}, where the prometheus service does "
+                    f"not mount compose secret {secret}",
+                )
+
+
+K8S_SD_PROBE = {"kubernetes_sd_configs": [{"role": "endpoints"}]}
+K8S_SD_ROLES = {"node", "service", "pod", "endpoints", "endpointslice", "ingress"}
+K8S_SD_KEYS = {"role", "api_server", "kubeconfig_file", "namespaces", "selectors"}
+K8S_SD_KEYS |= {"attach_metadata", "authorization", "basic_auth", "oauth2", "tls_config"}
+K8S_SD_KEYS |= {"bearer_token", "bearer_token_file", "proxy_url", "no_proxy"}
+K8S_SD_KEYS |= {"proxy_from_environment", "proxy_connect_header", "follow_redirects"}
+K8S_SD_KEYS |= {"enable_http2"}
+
+
+def promtool_config_ok(config: dict, name: str = "config") -> tuple[bool, str]:
+    """`promtool check config --syntax-only` on a config given as a dict."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yml", delete=False) as f:
+        yaml.safe_dump(config, f)
+    try:
+        r = run([tool("promtool"), "check", "config", "--syntax-only", f.name])
+    finally:
+        os.unlink(f.name)
+    return r.returncode == 0, (r.stdout + r.stderr).replace(f.name, name).strip()
+
+
+def kubernetes_sd_problems(configs: object) -> list[str]:
+    """What promtool would refuse in a job's kubernetes_sd_configs, for a promtool without it."""
+    if not isinstance(configs, list) or not all(isinstance(c, dict) for c in configs):
+        return ["kubernetes_sd_configs is not a list of mappings"]
+    problems = []
+    for c in configs:
+        if c.get("role") not in K8S_SD_ROLES:
+            problems.append(f'unknown Kubernetes SD role "{c.get("role")}"')  # as promtool says
+        for key in sorted(set(c) - K8S_SD_KEYS):
+            problems.append(f"kubernetes_sd_configs: unknown field {key}")
+        ns = c.get("namespaces", {})
+        if not isinstance(ns, dict) or set(ns) - {"names", "own_namespace"}:
+            problems.append("kubernetes_sd_configs: namespaces takes names and own_namespace")
+    return problems
+
+
+def prometheus_jobs(path: Path) -> list[dict]:
+    return yaml.safe_load(path.read_text()).get("scrape_configs") or []
+
+
+def selected_jobs(deploy: Path) -> set[str]:
+    """The `job="..."` every alert and dashboard query selects on."""
+    exprs = dashboard_queries(deploy / "grafana" / "dashboards")
+    with contextlib.suppress(OSError, yaml.YAMLError, KeyError, TypeError):  # promtool names it
+        alerts = yaml.safe_load((deploy / "prometheus" / "alerts.yml").read_text())
+        exprs += [rule["expr"] for group in alerts["groups"] for rule in group["rules"]]
+    return {job for expr in exprs for job in JOB.findall(expr)}
+
+
+def flag_value(cmd: list[str], flag: str) -> str | None:
+    """The value of `flag` in a command line (`--flag=V` or `--flag V`), or None."""
+    for i, arg in enumerate(cmd):
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+        if arg == flag and i + 1 < len(cmd):
+            return cmd[i + 1]
+    return None
+
+
+def secret_mounts(service: dict) -> dict[str, str]:
+    """Where a compose service finds each of its secrets: path -> secret name."""
+    mounts = {}
+    for s in service.get("secrets", []):
+        source = s if isinstance(s, str) else s.get("source", "")
+        target = source if isinstance(s, str) else s.get("target", source)
+        mounts[target if target.startswith("/") else f"/run/secrets/{target}"] = source
+    return mounts
 
 
 def all_panels(dash: dict) -> list[dict]:

@@ -1,7 +1,9 @@
 """`make deploy-check` passes on the repo's deploy/ and fails, naming the file, on a copy broken
 on purpose: a manifest off the Kubernetes schema, a worker without its drain, an alert that does
 not parse, a dashboard querying a metric Baton does not export or leaving one out, two panels
-with one id or on one spot, a panel query that does not parse."""
+with one id or on one spot, a panel query that does not parse, a Prometheus scrape (compose's
+or the Kubernetes job) that lost the router's key, a Kubernetes scrape job promtool refuses or
+named off what the alerts select, a router pod scraped by annotation again."""
 
 from __future__ import annotations
 
@@ -98,6 +100,50 @@ BREAKS = {
         "maxUnavailable: 1",
         "maxUnavailable:  1",
         "yamllint",
+    ),
+    "compose scrape without the key": (
+        "prometheus/prometheus.yml",
+        "    authorization:\n      type: Bearer\n"
+        "      credentials_file: /run/secrets/baton_api_key\n",
+        "",
+        "prometheus/prometheus.yml: job baton-router sends no key",
+    ),
+    "compose key not mounted into prometheus": (
+        "docker-compose.yaml",
+        "    secrets: [baton_api_key]  # sent on each scrape",
+        "    # sent on each scrape",
+        "where the prometheus service does not mount compose secret baton_api_key",
+    ),
+    "kubernetes scrape without the key": (
+        "kubernetes/prometheus-scrape.yaml",
+        "credentials_file: /etc/prometheus/secrets/baton-api-key/api-key",
+        "credentials: ''",
+        "kubernetes/prometheus-scrape.yaml: job baton-router sends no key",
+    ),
+    "kubernetes scrape relabel promtool refuses": (
+        "kubernetes/prometheus-scrape.yaml",
+        "action: keep",
+        "action: kept",
+        'unknown relabel action "kept"',
+    ),
+    "kubernetes scrape service discovery": (
+        "kubernetes/prometheus-scrape.yaml",
+        "- role: endpoints",
+        "- role: endpoint",
+        'unknown Kubernetes SD role "endpoint"',
+    ),
+    "kubernetes scrape job named off the alerts": (
+        "kubernetes/prometheus-scrape.yaml",
+        "- job_name: baton-router",
+        "- job_name: baton",
+        "kubernetes/prometheus-scrape.yaml: no scrape job baton-router",
+    ),
+    "router scraped by annotation": (
+        "kubernetes/base/router.yaml",
+        "        app.kubernetes.io/component: router\n    # No prometheus.io",
+        "        app.kubernetes.io/component: router\n"
+        '      annotations:\n        prometheus.io/scrape: "true"\n    # No prometheus.io',
+        "baton-router has a prometheus.io/scrape annotation",
     ),
 }
 
