@@ -10,10 +10,23 @@ one started in its place. At the end, with no load left:
   cut off by its own client on purpose; none hangs (each has a hard client timeout);
 - every live worker's KV usage is back to zero (leaked blocks must be 0), nothing is running,
   waiting or assigned;
-- the RSS of the router and of the worker of each pool that is never killed (p0, d0), after
-  warm-up and at the end, so a leak shows as growth.
+- the RSS of the router and of the worker of each pool that is never killed (p0, d0), sampled
+  every few seconds: its growth per 1000 requests after warm-up (the least-squares slope, see
+  baton.bench.rss_trend) must stay under --max-growth for each, or the run fails; unless
+  all it grew after warm-up is under --growth-floor MiB.
+
+Why 2 MiB per 1000 requests: steady state holds no per-request memory (the KV cache is written
+at start, compiled grammars are an LRU of 64, the router forgets finished requests and dead
+workers), so the slope of a healthy process is allocator noise, well under 1 MiB per 1000 over
+thousands of requests. A leak of one 2 KiB object per request (a dict of a request's state, a
+prompt's token list) already crosses it; at 10 requests/s that is 72 MiB an hour, what an
+operator would restart a worker for. The floor: an allocator takes memory in steps (a new
+arena, a batch shape first seen), a few MiB at a time; over a short run one step reads as a
+steep slope, over 10,000 requests it is noise, and a real leak crosses 8 MiB within a few
+thousand requests.
 
     python benchmarks/soak.py                                   # ~2000 requests, a few minutes
+    python benchmarks/soak.py --num-requests 10000 --kill-every 60 --output results/soak_long.json
     python benchmarks/soak.py --num-requests 300 --kill-every 10 --output /tmp/soak.json
 """
 
@@ -27,11 +40,13 @@ import random
 import signal
 import sys
 import time
+from pathlib import Path
 
 import httpx
 from common import save_result
 
 from baton.bench.cluster import Cluster, rss_bytes
+from baton.bench.rss_trend import growth_per_1000, plot_rss
 
 
 class Soak:
@@ -136,7 +151,9 @@ class Soak:
             await asyncio.to_thread(self.c.kill, victim)
             n += 1
             fresh = f"{role[0]}{len(self.c.workers)}"
-            self.kills.append({"t": time.monotonic(), "killed": victim, "started": fresh})
+            self.kills.append(
+                {"t": time.monotonic(), "done": self.done, "killed": victim, "started": fresh}
+            )
             print(f"\nkilled {victim} after {self.done} requests; starting {fresh}", flush=True)
             await asyncio.to_thread(self.c.add_worker, fresh, role, *self.args.worker_args)
 
@@ -196,9 +213,30 @@ def main() -> None:
     p.add_argument("--decode-workers", type=int, default=2)
     p.add_argument("--kill-every", type=float, default=45.0, help="seconds between worker kills")
     p.add_argument("--request-timeout", type=float, default=120.0, help="a hung request's limit")
+    p.add_argument(
+        "--warm-up",
+        type=int,
+        default=None,
+        help="requests before RSS growth is counted (default: a fifth, at most 1000)",
+    )
+    p.add_argument(
+        "--max-growth",
+        type=float,
+        default=2.0,
+        help="MiB of RSS per 1000 requests after warm-up past which the run fails",
+    )
+    p.add_argument(
+        "--growth-floor",
+        type=float,
+        default=8.0,
+        help="MiB of RSS growth after warm-up that passes whatever the slope",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None, help="default: results/soak.json")
+    p.add_argument("--plot", default=None, help="RSS curve (default: beside --output, .png)")
     args = p.parse_args()
+    if args.warm_up is None:
+        args.warm_up = min(1000, args.num_requests // 5)
     args.worker_args = ["--kv-cache-gib", "0.25"]
 
     c = Cluster("disagg", ("--max-num-requests", str(args.concurrency * 4)))
@@ -217,12 +255,20 @@ def main() -> None:
         leaked = {n: s["num_blocks"] - s["num_free_blocks"] for n, s in live.items()}
         rss_after = survivors_rss(c)
         growth = {n: rss_after[n] - rss_before[n] for n in rss_after}
-        # NOTE: RSS first grows as KV pages and allocator arenas are first touched; a leak
+        # NOTE: RSS first grows as allocator arenas and per-shape caches fill; a leak
         # keeps growing with the requests served, so the second half is the figure to watch.
         before_mib = {n: v / 2**20 for n, v in rss_before.items()}
         half = next((s for s in soak.rss if s["done"] >= args.num_requests // 2), before_mib)
         second_half = {n: rss_after[n] / 2**20 - half[n] for n in rss_after}
         accounted = sum(soak.outcomes.values())
+        per_1000 = growth_per_1000(soak.rss, args.warm_up, list(rss_after))
+        warm = next((s for s in soak.rss if s["done"] >= args.warm_up), before_mib)
+        since_warm = {n: rss_after[n] / 2**20 - warm[n] for n in rss_after}
+        too_fast = {
+            n: v
+            for n, v in per_1000.items()
+            if v > args.max_growth and since_warm[n] > args.growth_floor
+        }
         result = {
             "args": {k: v for k, v in vars(args).items()},
             "seconds": seconds,
@@ -239,11 +285,18 @@ def main() -> None:
             "rss_after_mib": {n: v / 2**20 for n, v in rss_after.items()},
             "rss_growth_mib": {n: v / 2**20 for n, v in growth.items()},
             "rss_growth_second_half_mib": second_half,
+            "rss_growth_per_1000_after_warm_up_mib": per_1000,
+            "rss_growth_after_warm_up_mib": since_warm,
+            "rss_growth_bound_per_1000_mib": args.max_growth,
+            "rss_growth_over_bound": too_fast,
             "rss_samples_mib": soak.rss,
         }
     finally:
         c.close()
     out = save_result("soak", result, args.output)
+    png = Path(args.plot) if args.plot else Path(out).with_suffix(".png")
+    kills_at = [k["done"] for k in soak.kills]
+    plot_rss(soak.rss, kills_at, args.warm_up, list(rss_after), png)
     print(
         f"{accounted}/{args.num_requests} requests in {seconds:.0f} s: {dict(soak.outcomes)}; "
         f"failures {dict(soak.errors)}; {len(soak.kills)} kills; KV leak "
@@ -251,10 +304,15 @@ def main() -> None:
         + ", ".join(f"{n} {v:+.1f}" for n, v in result["rss_growth_mib"].items())
         + "; over the second half "
         + ", ".join(f"{n} {v:+.1f}" for n, v in second_half.items())
+        + f"; per 1000 requests after {args.warm_up} "
+        + ", ".join(f"{n} {v:+.2f}" for n, v in per_1000.items())
+        + f" (bound {args.max_growth})"
     )
-    print(f"saved {out}")
+    print(f"saved {out} and {png}")
+    if too_fast:
+        print(f"RSS grows past {args.max_growth} MiB per 1000 requests: {too_fast}")
     ok = result["kv_leak_total"] == 0 and accounted == args.num_requests
-    ok = ok and soak.outcomes.get("hung", 0) == 0
+    ok = ok and soak.outcomes.get("hung", 0) == 0 and not too_fast
     sys.exit(0 if ok else 1)
 
 
