@@ -24,6 +24,10 @@ from baton.server.wire.params import params_from_dict
 logger = logging.getLogger(__name__)
 
 CHUNK_BLOCKS = 64  # blocks per KVChunk message
+# NOTE: a DEALER to a decode worker that left (killed, scaled down, rolled) would stay open,
+# reconnecting every 100 ms, for as long as this worker ran; one with no handoff for this long
+# is closed (and opened again on its next use).
+PEER_IDLE_S = 60.0
 
 SendCtrl = Callable[[object], None]  # a message to the router
 Fail = Callable[..., None]  # (request_id, error, retry=...): the request failed here
@@ -51,6 +55,7 @@ class KVSender:
         self._worker_id = worker_id
         self._timeout_s = timeout_s
         self.peers: dict[str, zmq.Socket] = {}  # decode endpoint -> DEALER
+        self._peer_used: dict[str, float] = {}  # decode endpoint -> when last sent to
 
     def open(self, request_id: str, endpoint: str, prompt_token_ids: list[int], params) -> None:
         """Ask the decode worker at `endpoint` to take the KV of a request just added."""
@@ -87,6 +92,7 @@ class KVSender:
             sock = self._connect(endpoint)
             self.peers[endpoint] = sock
             self._poller.register(sock, zmq.POLLIN)
+        self._peer_used[endpoint] = time.monotonic()
         sock.send_multipart(codec.encode(msg, payload), copy=False)
 
     def on_frames(self, frames) -> None:
@@ -189,6 +195,16 @@ class KVSender:
                 self._send(out.endpoint, m.KVAbort(request_id=rid, reason="timed out"))
                 self._end(out, ok=False)  # still prefilling, or handed off: freed
                 self._fail(rid, f"KV handoff timed out after {limit:g} s", retry=True)
+        self._close_idle_peers(now)
+
+    def _close_idle_peers(self, now: float) -> None:
+        busy = {out.endpoint for out in self.handoffs.all_outgoing()}
+        for endpoint, used in list(self._peer_used.items()):
+            if endpoint not in busy and now - used > PEER_IDLE_S:
+                sock = self.peers.pop(endpoint)
+                del self._peer_used[endpoint]
+                self._poller.unregister(sock)
+                sock.close(0)
 
 
 class KVReceiver:
