@@ -4,17 +4,20 @@ prefill + 2 decode CPU workers (one thread each) run as real processes (baton.be
 Per policy (--routing) and --max-local-prefill-tokens (0: all handed off; 32: a decode worker
 prefills what has at most 32 tokens uncached there, or 128 for a next turn whose history it
 holds: --max-local-turn-tokens 128), a fresh cluster runs multi-turn chats (`baton
-bench --dataset multi-turn`), shared-prefix token prompts, and random ones (what kv costs when
-nothing is cached), reading router /metrics around each (and in multi-turn once every first turn
-is in). Reported: TTFT p50/p90; prefix hit rate of each pool (hit over queried tokens, summed over
-its workers); prompt tokens computed (usage: prompt - cached); KV bytes shipped and skipped per
-turn after the first; placements by path; output tok/s. Targets, kv vs load: multi-turn >= 2x
-fewer prompt tokens computed, >= 1.5x lower median TTFT, >= 50% fewer KV bytes per later turn;
-random <= 5% less output throughput.
+bench --dataset multi-turn`: each user waits --think-time, 2 s on average, after an answer;
+and other chats in lockstep, every turn of every chat sent at once), shared-prefix token
+prompts, and random ones (what kv costs when nothing is cached), reading router /metrics around
+each (and in multi-turn once every first turn is in). Reported: TTFT p50/p90; prefix hit rate
+of each pool (hit over queried tokens, summed over its workers); prompt tokens computed (usage:
+prompt - cached); KV bytes shipped and skipped per turn after the first; placements by path;
+output tok/s. Targets, kv vs load: multi-turn >= 2x fewer prompt tokens computed, >= 1.5x lower
+median TTFT, >= 50% fewer KV bytes per later turn; random <= 5% less output throughput. The
+lockstep chats' figures are reported beside them: there every later turn of a worker's chats
+lands at once, and TTFT is the time to compute them all.
 
 NOTE: a cluster per configuration, not per workload: the workloads share no prompt tokens (own
 seeds; chat text vs token ids) and the KV cache holds them all, so each starts cold for its own
-prompts, and 12 cluster starts (~20 s each on 2 cores) are saved.
+prompts, and 18 cluster starts (~20 s each on 2 cores) are saved.
 
     python benchmarks/routing.py          # ~10 min on 2 cores: results/routing_cpu.json, .png
     python benchmarks/routing.py --quick  # tiny: load vs kv, local prefill off, to a temp dir
@@ -49,7 +52,7 @@ from baton.bench.runner import LoadConfig, run_load
 
 POLICIES = ("round-robin", "load", "kv")
 LOCAL = (0, 32)
-WORKLOADS = ("multi-turn", "shared-prefix", "random")
+WORKLOADS = ("multi-turn", "multi-turn-lockstep", "shared-prefix", "random")
 
 
 def workers(args) -> dict[str, tuple[str, ...]]:
@@ -79,14 +82,18 @@ def quiet(c: Cluster) -> Metrics:
 def run_workload(c: Cluster, args, workload: str) -> tuple[dict, list, Metrics | None]:
     """(compute_metrics' summary, the TurnResults, multi-turn: metrics once first turns are in)."""
     at_first: list[Metrics] = []
-    if workload == "multi-turn":
+    if workload.startswith("multi-turn"):
         endpoint = "/v1/chat/completions"
         cfg = LoadConfig(base_url=c.url, endpoint=endpoint, num_warmups=0, progress=False)
+        # NOTE: the lockstep chats are others (seed, numbers): nothing cached from the first
+        lockstep = workload != "multi-turn"
         convs = multi_turn.make_conversations(
-            args.conversations, args.turns, args.turn_input_len, 0.0, seed=1
-        )
+            args.conversations, args.turns, args.turn_input_len, 0.0, seed=11 if lockstep else 1,
+            first=1000 if lockstep else 0,
+        )  # fmt: skip
         hook = lambda: at_first.append(scrape(c.url))  # noqa: E731
-        run = multi_turn.run_multi_turn(convs, cfg, args.output_len, hook)
+        think = 0.0 if lockstep else args.think_time
+        run = multi_turn.run_multi_turn(convs, cfg, args.output_len, hook, think_time=think)
     else:
         cfg = LoadConfig(
             base_url=c.url, num_warmups=0, max_concurrency=args.max_concurrency, progress=False
@@ -177,6 +184,7 @@ SIZES = {
     "conversations": (8, 2, "multi-turn: conversations, all at once"),
     "turns": (4, 2, "multi-turn: turns per conversation"),
     "turn_input_len": (64, 16, "multi-turn: new user words per turn"),
+    "think_time": (2.0, 0.5, "multi-turn: mean seconds between an answer and the next turn"),
     "output_len": (32, 4, "multi-turn and random: tokens per answer"),
     "shared_requests": (32, 4, "shared-prefix: requests"),
     "num_groups": (4, 2, "shared-prefix: system prompts"),

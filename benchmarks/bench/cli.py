@@ -42,6 +42,12 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--turn-input-len", type=int, default=64, help="multi-turn: new user words per turn"
     )
+    p.add_argument(
+        "--think-time",
+        type=float,
+        default=0.0,
+        help="multi-turn: mean seconds a user waits after an answer (exponential; 0: none)",
+    )
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1: Poisson")
     p.add_argument("--num-warmups", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -107,9 +113,11 @@ def run_once(args, request_rate: float, max_concurrency: int | None) -> dict:
         convs = multi_turn.make_conversations(
             args.num_conversations, args.turns, args.turn_input_len, args.range_ratio, args.seed
         )
-        results, duration = asyncio.run(multi_turn.run_multi_turn(convs, cfg, args.output_len))
+        run = multi_turn.run_multi_turn(convs, cfg, args.output_len, think_time=args.think_time)
+        results, duration = asyncio.run(run)
         extra["turns"] = {
             "turn_input_len": args.turn_input_len,
+            "think_time": args.think_time,
             "output_len": args.output_len,
             **multi_turn.turn_stats(results),
         }

@@ -5,7 +5,9 @@ Chat endpoints get the messages (a system message of its own per conversation, t
 turns and the real assistant answers); completions get the same history as one text, each turn's
 prompt the previous prompt + the answer received + "\\nuser: ...\\nassistant:". Conversations run
 side by side; `max_concurrency` caps the requests in flight (a conversation between two turns
-holds no slot).
+holds no slot). With a think time, a user waits a while (exponential, that mean, seeded per
+conversation) after each answer before sending the next turn, as people read and type; without
+one, conversations that started together stay in lockstep, every turn arriving at once.
 """
 
 from __future__ import annotations
@@ -45,14 +47,14 @@ class TurnResult(RequestResult):
 
 
 def make_conversations(
-    num: int, turns: int, turn_input_len: int, range_ratio: float, seed: int
+    num: int, turns: int, turn_input_len: int, range_ratio: float, seed: int, first: int = 0
 ) -> list[Conversation]:
     """`num` conversations of `turns` user messages of about `turn_input_len` words each."""
     if num < 1 or turns < 1:
         raise ValueError(f"need at least one conversation and one turn, got {num} x {turns}")
     rng = random.Random(seed)
     convs = []
-    for i in range(num):
+    for i in range(first, first + num):
         lens = _lengths(turn_input_len, range_ratio, turns, rng)
         # NOTE: the system message leads with the conversation's number, so two conversations
         # share no full KV block: all reuse is within a conversation.
@@ -106,6 +108,7 @@ async def run_multi_turn(
     output_len: int,
     after_first_turn: Callable[[], object] | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    think_time: float = 0.0,
 ) -> tuple[list[TurnResult], float]:
     """(results by conversation, then turn; seconds from the first send to the last answer).
 
@@ -144,9 +147,12 @@ async def run_multi_turn(
         async def converse(i: int, conv: Conversation) -> list[TurnResult]:
             out: list[TurnResult] = []
             prompt = first_prompt(conv, chat)
+            user = random.Random(cfg.seed * 1_000_003 + i)  # this conversation's pauses
             for k in range(len(conv.users)):
                 if k:
                     prompt = next_prompt(prompt, out[-1].text, conv.users[k])
+                    if think_time > 0:
+                        await asyncio.sleep(user.expovariate(1.0 / think_time))
                 req = BenchRequest(prompt, _words(prompt), output_len)
                 body = request_body(req, cfg.endpoint, model, cfg.ignore_eos)
                 async with sem or contextlib.nullcontext():

@@ -140,7 +140,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
 
 def format_rows(rows: list[dict]) -> str:
     head = (
-        f"{'workload':<13} {'policy':<11} {'local':>5} {'TTFT p50':>8} {'p90':>7} "
+        f"{'workload':<19} {'policy':<11} {'local':>5} {'TTFT p50':>8} {'p90':>7} "
         f"{'hit P/D %':>10} {'computed':>8} {'KV MiB/turn>1 (skip)':>20} "
         f"{'placed h/l/c':>12} {'tok/s':>6}"
     )
@@ -154,7 +154,7 @@ def format_rows(rows: list[dict]) -> str:
         pl = r["placements"]
         placed = f"{pl['handed_off']:.0f}/{pl['local']:.0f}/{pl['colocated']:.0f}"
         lines.append(
-            f"{r['workload']:<13} {r['policy']:<11} {r['max_local_prefill_tokens']:>5} "
+            f"{r['workload']:<19} {r['policy']:<11} {r['max_local_prefill_tokens']:>5} "
             f"{r['median_ttft_ms']:>8.0f} {r['p90_ttft_ms']:>7.0f} "
             f"{pct(r['prefill_hit_rate']) + '/' + pct(r['decode_hit_rate']):>10} "
             f"{r['prompt_tokens_computed']:>8} {kv:>20} {placed:>12} "

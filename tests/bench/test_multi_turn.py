@@ -225,3 +225,20 @@ def test_conversations_are_seeded_and_share_no_opening():
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
     with pytest.raises(ValueError, match="at least one"):
         multi_turn.make_conversations(1, 0, 5, 0.0, seed=0)
+
+
+def test_think_time_spaces_a_users_turns_and_breaks_lockstep(serve, tmp_path):
+    fake = Fake()
+    r = bench(serve(fake), tmp_path / "r.json", "--think-time", "0.3", "--num-warmups", "0")
+    assert r["turns"]["think_time"] == 0.3 and r["completed"] == 9
+    convs = by_conversation(fake)
+    gaps = [cur["start"] - prev["end"] for c in convs.values() for prev, cur in pairwise(c)]
+    assert min(gaps) > 0 and 0.1 < sum(gaps) / len(gaps) < 1.2  # exponential, mean 0.3 s
+    second = sorted(c[1]["start"] for c in convs.values())
+    assert second[-1] - second[0] > 0.01  # second turns no longer leave together
+    # seeded: the same pauses again
+    fake2 = Fake()
+    bench(serve(fake2), tmp_path / "r2.json", "--think-time", "0.3", "--num-warmups", "0")
+    gaps2 = [cur["start"] - prev["end"] for c in by_conversation(fake2).values()
+             for prev, cur in pairwise(c)]  # fmt: skip
+    assert all(abs(a - b) < 0.1 for a, b in zip(sorted(gaps), sorted(gaps2), strict=True))
