@@ -124,8 +124,10 @@ def run_serve(args) -> int:
     """Router in this process, workers as child processes; the URL is printed once ready."""
     from baton.server.router.main import build_cluster, run_router
 
+    n = args.workers if args.mode == "colocated" else args.prefill_workers + args.decode_workers
     try:
         cfg = serve_config(args, "tcp://127.0.0.1:0")
+        _check_host_kv(args, n)
     except ValueError as e:
         print(f"baton serve: {e}", file=sys.stderr)
         return 2
@@ -173,6 +175,21 @@ def run_serve(args) -> int:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def _check_host_kv(args, num_workers: int) -> None:
+    """The workers' host KV caches together must fit what this host leaves: each worker checks
+    its own at start, but they start at once and every check would see the others' unspent.
+    NOTE: a rough bound (weights and activations come on top); the workers check precisely."""
+    from baton.server.config import EngineConfig
+    from baton.server.host_memory import check_fits
+
+    if args.device == "cuda" or (args.device is None and os.path.exists("/dev/nvidiactl")):
+        return
+    gib = args.kv_cache_gib if args.kv_cache_gib is not None else EngineConfig.kv_cache_gib
+    check_fits(
+        int(num_workers * gib * 2**30), 0, f"--kv-cache-gib ({num_workers} workers x {gib:g})"
+    )
 
 
 def _worker_cpus(args, roles: list[str]) -> list[str | None]:

@@ -61,3 +61,20 @@ def test_resident_bytes_sees_pages_once_written():
     assert hm.resident_bytes(t.data_ptr(), t.nbytes) == t.nbytes
     assert before <= t.nbytes
     assert hm.rss_bytes() > t.nbytes
+
+
+def test_serve_checks_its_workers_caches_together_before_starting_any(tmp_path):
+    import subprocess
+    import sys
+
+    avail = hm.available()
+    assert avail is not None
+    each = round(0.4 * avail.nbytes / GIB, 2)  # one fits, four do not
+    # NOTE: a model that does not exist: were the check missing, serve would stop at the model
+    # (another message), never start four workers that each pass their own check.
+    cmd = [sys.executable, "-m", "baton.server.cli", "serve", "--device", "cpu",
+           "--model", str(tmp_path / "no-model"), "--prefill-workers", "2",
+           "--decode-workers", "2", "--kv-cache-gib", str(each)]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "--kv-cache-gib (4 workers" in p.stderr and "available" in p.stderr
