@@ -65,6 +65,77 @@ def smollm2():
     )
 
 
+# The default model cut to its first and last layers (of 30): its real embeddings, tokenizer and
+# chat template, 5-6x less work a token, and greedy text still varied (a wrong position or a
+# lost token would show). For the tests that prove what processes do with requests, not what
+# the model says.
+CUT_LAYERS = (0, 29)
+# NOTE: its KV per token is this fraction of the default model's; a test that sizes a KV cache
+# for a number of blocks scales its --kv-cache-gib by it.
+CUT_KV_SCALE = len(CUT_LAYERS) / 30
+
+
+def write_cut_model(src, dst) -> str:
+    """An HF folder at `dst`: the default model's folder `src` keeping only CUT_LAYERS."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    config = json.loads((src / "config.json").read_text())
+    assert config["num_hidden_layers"] == 30, config
+    config["num_hidden_layers"] = len(CUT_LAYERS)
+    (dst / "config.json").write_text(json.dumps(config))
+    for f in src.iterdir():
+        if (
+            f.is_file()
+            and not f.name.startswith(".")
+            and f.name not in ("config.json", "model.safetensors")
+        ):
+            shutil.copy(f, dst / f.name)
+    weights = load_file(src / "model.safetensors")
+    cut = {k: v for k, v in weights.items() if not k.startswith("model.layers.")}
+    for i, layer in enumerate(CUT_LAYERS):
+        old = f"model.layers.{layer}."
+        cut.update(
+            {
+                f"model.layers.{i}." + k[len(old) :]: v
+                for k, v in weights.items()
+                if k.startswith(old)
+            }
+        )
+    save_file(cut, dst / "model.safetensors")
+    return str(dst)
+
+
+@pytest.fixture(scope="session")
+def cut_model(tmp_path_factory):
+    """The folder of the cut default model (see CUT_LAYERS)."""
+    from baton.server.loader.resolve import resolve_model
+
+    return write_cut_model(
+        resolve_model("smollm2").hf_dir, tmp_path_factory.mktemp("cut") / "smollm2-cut"
+    )
+
+
+@pytest.fixture(scope="session")
+def cut_llm(cut_model):
+    """The cut model offline, planned as the served workers of the tests are."""
+    from baton import LLM
+    from baton.bench.cluster import CPU_LINEAR
+
+    return LLM(
+        model=cut_model,
+        device="cpu",
+        dtype="float32",
+        kv_cache_gib=0.05,
+        show_progress=False,
+        cpu_linear=CPU_LINEAR,
+    )
+
+
 @pytest.fixture(scope="session")
 def disagg():
     """`baton serve` (1 prefill + 1 decode worker) for the tests that only send it requests."""

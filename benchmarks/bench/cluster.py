@@ -19,7 +19,8 @@ from pathlib import Path
 
 import httpx
 
-BASE = ["--model", "smollm2", "--max-model-len", "2048"]
+MODEL = "smollm2"
+BASE = ["--max-model-len", "2048"]
 # NOTE: pinned rather than timed on the host, so every worker (and an offline reference engine
 # given the same plan) rounds alike: greedy text can be compared across them.
 CPU_LINEAR = "mkl-packed"
@@ -58,8 +59,10 @@ class Cluster:
         log_dir: str | os.PathLike | None = None,
         env: dict[str, str] | None = None,
         wait_router: bool = True,
+        model: str = MODEL,
     ) -> None:
         self.mode = mode
+        self.model = model  # an alias or a folder: what workers load and requests name
         self.port = free_port()
         self.control = f"tcp://127.0.0.1:{free_port()}"
         self.url = f"http://127.0.0.1:{self.port}"
@@ -114,7 +117,7 @@ class Cluster:
         # handoff paths are what the fault tests and benchmarks exercise.
         args += ["--mode", self.mode, "--heartbeat-timeout", "3"]
         args += ["--max-local-prefill-tokens", "0", "--max-local-turn-tokens", "0"]
-        args += [*BASE, *self.router_args]
+        args += ["--model", self.model, *BASE, *self.router_args]
         self.router = self._spawn("router", args, env)
         if wait:
             self.wait_router()
@@ -135,7 +138,7 @@ class Cluster:
         self, name: str, role: str, *extra: str, wait: bool = True, env: dict | None = None
     ) -> int:
         args = ["worker", "--role", role, "--router", self.control, "--worker-id", name]
-        args += [*BASE, *WORKER, "--kv-cache-gib", "0.1", *extra]
+        args += ["--model", self.model, *BASE, *WORKER, "--kv-cache-gib", "0.1", *extra]
         proc = self._spawn(name, args, env)
         self.workers[name] = proc
         if wait:
@@ -223,7 +226,7 @@ class Cluster:
 
     def body(self, prompt: list[int], max_tokens: int, **kw) -> dict:
         return {
-            "model": "smollm2",
+            "model": self.model,
             "prompt": prompt,
             "max_tokens": max_tokens,
             "temperature": 0,

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 
 SUBNET = "10.231.77"  # the test hosts' own addresses, on a bridge this test makes
 HOSTS = {"router": 1, "prefill": 2, "decode": 3}
-WORKER = ["--model", "smollm2", "--max-model-len", "2048", "--device", "cpu"]
+WORKER = ["--max-model-len", "2048", "--device", "cpu"]
 WORKER += ["--dtype", "float32", "--kv-cache-gib", "0.1", "--max-num-batched-tokens", "256"]
 WORKER += ["--cpu-linear", CPU_LINEAR]
 
@@ -129,20 +129,21 @@ def wait_for(pred, timeout: float, what: str, hosts: Hosts) -> None:
         time.sleep(0.2)
 
 
-def test_requests_cross_hosts_and_a_cut_link_fails_cleanly(hosts, smollm2):
+def test_requests_cross_hosts_and_a_cut_link_fails_cleanly(hosts, cut_model, cut_llm):
     router = hosts.addr("router")
     url = f"http://{router}:8000"
     control = f"tcp://{router}:8001"
     hosts.start(
         "router", "router", "--host", router, "--port", "8000", "--control", control,
-        "--model", "smollm2", "--max-model-len", "2048", "--heartbeat-timeout", "3",
+        "--model", cut_model, "--max-model-len", "2048", "--heartbeat-timeout", "3",
     )  # fmt: skip
     hosts.start(
-        "prefill", "worker", "--role", "prefill", "--router", control, "--worker-id", "p0", *WORKER
-    )
+        "prefill", "worker", "--role", "prefill", "--router", control, "--worker-id", "p0",
+        "--model", cut_model, *WORKER,
+    )  # fmt: skip
     hosts.start(
         "decode", "worker", "--role", "decode", "--router", control, "--worker-id", "d0",
-        "--kv-host", hosts.addr("decode"), "--kv-port", "8003", *WORKER,
+        "--kv-host", hosts.addr("decode"), "--kv-port", "8003", "--model", cut_model, *WORKER,
     )  # fmt: skip
 
     def ready() -> bool:
@@ -155,11 +156,11 @@ def test_requests_cross_hosts_and_a_cut_link_fails_cleanly(hosts, smollm2):
     wait_for(ready, 180, "both workers to register across hosts", hosts)
     prompt = [5, 17, 230, 1200, 77, 9, 311, 64, 2048, 15]
     expected = (
-        smollm2.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+        cut_llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
         .outputs[0]
         .text
     )
-    body = {"model": "smollm2", "prompt": prompt, "max_tokens": 12, "temperature": 0}
+    body = {"model": cut_model, "prompt": prompt, "max_tokens": 12, "temperature": 0}
     body["ignore_eos"] = True
     r = httpx.post(url + "/v1/completions", json=body, timeout=120)
     assert r.status_code == 200, r.text

@@ -22,9 +22,11 @@ def keys(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster(keys):
+def cluster(keys, cut_model):
     with Cluster.running(
-        {"p0": ("prefill",), "d0": ("decode",)}, env={curve.ENV_SECRET_FILE: keys[0]}
+        {"p0": ("prefill",), "d0": ("decode",)},
+        env={curve.ENV_SECRET_FILE: keys[0]},
+        model=cut_model,
     ) as c:
         yield c
 

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    with Cluster.running({"p0": ("prefill",), "d0": ("decode",), "d1": ("decode",)}) as c:
+def cluster(cut_model):
+    workers = {"p0": ("prefill",), "d0": ("decode",), "d1": ("decode",)}
+    with Cluster.running(workers, model=cut_model) as c:
         yield c
 
 
@@ -31,9 +32,9 @@ def test_sigkill_of_the_decode_worker_mid_stream_keeps_the_stream(cluster, refer
             killed.append(cluster.serving("decode"))
             cluster.kill(killed[0])
 
-    text, error = cluster.stream(prompt, 40, on_chunk=kill_after_five)
+    text, error = cluster.stream(prompt, 64, on_chunk=kill_after_five)
     assert killed and error is None
-    assert text == reference(prompt, 40)  # greedy output as if nothing had happened
+    assert text == reference(prompt, 64)  # greedy output as if nothing had happened
     assert cluster.worker_states()[killed[0]]["state"] == "dead"
     # Every block the request held, on the worker that prefilled it and on the one that
     # finished it, is free again.
@@ -53,7 +54,7 @@ def test_when_no_decode_worker_is_left_the_stream_ends_with_an_error(cluster):
             cluster.kill(live[0])
             killed_at.append(time.monotonic())
 
-    text, error = cluster.stream(random_prompt(2, 30), 200, on_chunk=kill_after_three)
+    text, error = cluster.stream(random_prompt(2, 30), 1000, on_chunk=kill_after_three)
     assert killed_at and error is not None, text
     assert time.monotonic() - killed_at[0] < 10  # noticed at once, never a hang
     assert "no worker is left" in error["message"]
@@ -65,7 +66,7 @@ def test_when_no_decode_worker_is_left_the_stream_ends_with_an_error(cluster):
     assert re.search(r'^baton:workers\{role="decode",state="dead"\} 2\.0$', page, re.M), page
 
 
-def test_a_constrained_stream_resumes_in_the_same_grammar_state(cluster, smollm2):
+def test_a_constrained_stream_resumes_in_the_same_grammar_state(cluster, cut_llm):
     """The decode worker replays the tokens so far into its grammar matcher (after the handoff,
     and after a failover recompute): the constrained greedy output is the offline one."""
     for name in ("d2", "d3"):
@@ -80,9 +81,9 @@ def test_a_constrained_stream_resumes_in_the_same_grammar_state(cluster, smollm2
     }
     prompt = random_prompt(3, 30)
     params = SamplingParams(
-        max_tokens=40, temperature=0, ignore_eos=True, guided="json", guided_spec=json.dumps(schema)
+        max_tokens=64, temperature=0, ignore_eos=True, guided="json", guided_spec=json.dumps(schema)
     )
-    want = smollm2.generate([prompt], params)[0].outputs[0].text
+    want = cut_llm.generate([prompt], params)[0].outputs[0].text
     killed = []
 
     def kill_after_five(n):
@@ -90,6 +91,6 @@ def test_a_constrained_stream_resumes_in_the_same_grammar_state(cluster, smollm2
             killed.append(cluster.serving("decode"))
             cluster.kill(killed[0])
 
-    text, error = cluster.stream(prompt, 40, on_chunk=kill_after_five, guided_json=schema)
+    text, error = cluster.stream(prompt, 64, on_chunk=kill_after_five, guided_json=schema)
     assert killed and error is None
     assert text == want

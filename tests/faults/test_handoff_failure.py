@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from baton.bench.cluster import Cluster
-from tests.faults.conftest import random_prompt
+from tests.faults.conftest import cut_kv_gib, random_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -22,26 +22,30 @@ def kv_failures(cluster) -> float:
 
 
 @pytest.fixture
-def small_decode():
-    with Cluster.running({"p0": ("prefill",), "d0": ("decode", "--kv-cache-gib", "0.01")}) as c:
+def small_decode(cut_model):
+    workers = {"p0": ("prefill",), "d0": ("decode", "--kv-cache-gib", cut_kv_gib(0.02))}
+    with Cluster.running(workers, model=cut_model) as c:
         yield c
 
 
 def test_a_refused_handoff_is_recomputed_on_the_decode_side(small_decode, reference):
     c = small_decode
     n = c.worker_states()["d0"]["num_blocks"]
-    # A fills the decode worker's KV as it generates; B arrives when too few blocks are free
-    # to take B's prompt, so the decode worker refuses B's KV.
+    # A fills the decode worker's KV as it generates; B, half the cache long, arrives when A
+    # holds more than half of it, so the decode worker refuses B's KV. A's chunks count its
+    # tokens from below (a token that ends no character sends none): B starts at 60% of A's
+    # chunks, past half of A's tokens and well before A ends.
     a_prompt, a_len = random_prompt(20, 16), (n - 1) * 16 - 16
-    b_prompt = random_prompt(21, 5 * 16)
+    b_prompt = random_prompt(21, n // 2 * 16)
     results = {}
     b_thread = threading.Thread(target=lambda: results.setdefault("b", c.stream(b_prompt, 8)))
 
     def start_b(k):
-        if k == a_len - 40 and not b_thread.is_alive():
+        if k >= 0.6 * a_len and not b_thread.ident:
             b_thread.start()
 
     results["a"] = c.stream(a_prompt, a_len, on_chunk=start_b)
+    assert b_thread.ident, "A's stream ended before 60% of its tokens sent text"
     b_thread.join(timeout=120)
     assert results["a"] == (reference(a_prompt, a_len), None)
     assert results["b"] == (reference(b_prompt, 8), None)
@@ -50,8 +54,8 @@ def test_a_refused_handoff_is_recomputed_on_the_decode_side(small_decode, refere
 
 
 @pytest.fixture
-def frozen_decode():
-    c = Cluster("disagg", wait_router=False)
+def frozen_decode(cut_model):
+    c = Cluster("disagg", wait_router=False, model=cut_model)
     try:
         for name, role in (("p0", "prefill"), ("d0", "decode"), ("d1", "decode")):
             c.add_worker(name, role, "--kv-timeout", "1", wait=False)  # they load side by side

@@ -16,8 +16,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def cluster():
-    with Cluster.running({"p0": ("prefill",), "d0": ("decode",)}) as c:
+def cluster(cut_model):
+    with Cluster.running({"p0": ("prefill",), "d0": ("decode",)}, model=cut_model) as c:
         yield c
 
 
@@ -32,7 +32,7 @@ def test_workers_re_register_after_a_router_restart(cluster, reference):
 
     def doomed():
         try:
-            outcome["result"] = c.stream(random_prompt(81, 24), 400)
+            outcome["result"] = c.stream(random_prompt(81, 24), 1500)
         except httpx.HTTPError as e:
             outcome["error"] = e
 

@@ -1,4 +1,4 @@
-"""KV-aware routing with real processes: two prefill workers, one decode worker."""
+"""KV-aware routing with real processes (the cut default model): two prefill workers, one decode worker."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ def prompt(seed: int, n: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(cut_model):
     workers = {"p0": ("prefill",), "p1": ("prefill",), "d0": ("decode",)}
-    with Cluster.running(workers, router_args=("--routing", "kv")) as c:
+    with Cluster.running(workers, router_args=("--routing", "kv"), model=cut_model) as c:
         yield c
 
 
@@ -68,13 +68,13 @@ def metric(c: Cluster, name: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def test_a_decode_side_hit_ships_only_the_missing_blocks(cluster, smollm2):
+def test_a_decode_side_hit_ships_only_the_missing_blocks(cluster, cut_llm):
     """The decode worker holds the previous turn (its prompt and answer): the next turn's
     handoff sends only the blocks after them, and the tokens are the colocated engine's."""
     greedy = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
     first = prompt(5, 96)  # 6 full blocks
     complete(cluster, first, 8)
-    answer = smollm2.generate([first], greedy)[0].outputs[0].token_ids
+    answer = cut_llm.generate([first], greedy)[0].outputs[0].token_ids
     turn = first + list(answer) + prompt(6, 40)  # 144 tokens: 9 blocks, 6 held by the decoder
     cluster.wait_idle()
     sent0 = metric(cluster, "baton:kv_transfer_bytes_total")
@@ -84,7 +84,7 @@ def test_a_decode_side_hit_ships_only_the_missing_blocks(cluster, smollm2):
     skipped = metric(cluster, "baton:kv_transfer_skipped_bytes_total") - skipped0
     assert skipped > 0 and sent > 0
     assert skipped / sent == 6 / 3  # 6 blocks held, 3 shipped
-    assert r["choices"][0]["text"] == smollm2.generate([turn], greedy)[0].outputs[0].text
+    assert r["choices"][0]["text"] == cut_llm.generate([turn], greedy)[0].outputs[0].text
 
 
 def test_a_killed_worker_leaves_the_index_and_requests_still_complete(cluster):
