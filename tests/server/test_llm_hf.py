@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -27,6 +29,10 @@ def hf_model(smollm2):
 
 @pytest.fixture(scope="module")
 def hf_greedy(smollm2, hf_model):
+    @functools.cache  # several tests ask for the same prompts
+    def cached(ids: tuple[int, ...]) -> list[int]:
+        return run(list(ids))
+
     def run(ids):
         with torch.inference_mode():
             out = hf_model.generate(
@@ -40,7 +46,7 @@ def hf_greedy(smollm2, hf_model):
         eos = smollm2.tokenizer.eos_token_id
         return gen[: gen.index(eos) + 1] if eos in gen else gen
 
-    return run
+    return lambda ids: cached(tuple(ids))
 
 
 PARAMS = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)

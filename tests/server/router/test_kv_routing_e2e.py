@@ -1,4 +1,5 @@
-"""KV-aware routing with real processes (the cut default model): two prefill workers, one decode worker."""
+"""KV-aware routing with real processes (the cut default model): two prefill workers, one
+decode worker."""
 
 from __future__ import annotations
 
