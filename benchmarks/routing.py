@@ -93,7 +93,7 @@ def run_workload(c: Cluster, args, workload: str) -> tuple[dict, list, Metrics |
         )  # fmt: skip
         hook = lambda: at_first.append(scrape(c.url))  # noqa: E731
         think = 0.0 if lockstep else args.think_time
-        run = multi_turn.run_multi_turn(convs, cfg, args.output_len, hook, think_time=think)
+        run = multi_turn.run_multi_turn(convs, cfg, args.answer_len, hook, think_time=think)
     else:
         cfg = LoadConfig(
             base_url=c.url, num_warmups=0, max_concurrency=args.max_concurrency, progress=False
@@ -185,7 +185,10 @@ SIZES = {
     "turns": (4, 2, "multi-turn: turns per conversation"),
     "turn_input_len": (64, 16, "multi-turn: new user words per turn"),
     "think_time": (2.0, 0.5, "multi-turn: mean seconds between an answer and the next turn"),
-    "output_len": (32, 4, "multi-turn and random: tokens per answer"),
+    # NOTE: answers run longer than the questions in chat logs; the history a next turn brings
+    # back is mostly answers, which only the decode worker that wrote them holds.
+    "answer_len": (64, 4, "multi-turn: tokens per answer"),
+    "output_len": (32, 4, "random: tokens per answer"),
     "shared_requests": (32, 4, "shared-prefix: requests"),
     "num_groups": (4, 2, "shared-prefix: system prompts"),
     "prefix_len": (256, 64, "shared-prefix: their tokens"),

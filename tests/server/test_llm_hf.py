@@ -16,7 +16,7 @@ PROMPTS = [
     "Once upon a time, in a small village at the edge of a vast forest, there lived an old "
     "woodcutter and his daughter. Every morning they",
 ]
-MAX_TOKENS = 24
+MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
