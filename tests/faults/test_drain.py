@@ -43,14 +43,14 @@ def test_scaling_decode_from_two_to_one_under_load_loses_nothing(cluster, refere
     c.add_worker("d1", "decode")
     prompts = [random_prompt(60 + i, 24) for i in range(8)]
     results: dict[int, tuple] = {}
-    threads = load(c, prompts[:4], 96, results)
+    threads = load(c, prompts[:4], 64, results)
     c.signal("d0", signal.SIGTERM)  # mid-load: it has streams running
-    threads += load(c, prompts[4:], 96, results, first=4)  # these must all go to d1
+    threads += load(c, prompts[4:], 64, results, first=4)  # these must all go to d1
     for t in threads:
         t.join(timeout=180)
     assert c.workers["d0"].wait(timeout=60) == 0  # drained, then exited cleanly
     c.wait_worker("d0", None)  # deregistered: the router no longer lists it
-    assert [results[i] for i in range(8)] == [(t, None) for t in reference.many(prompts, 96)]
+    assert [results[i] for i in range(8)] == [(t, None) for t in reference.many(prompts, 64)]
     c.wait_idle()
 
 
