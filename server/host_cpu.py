@@ -42,6 +42,28 @@ def isa_flags() -> list[str]:
     return [f for f in ISA_FLAGS if f in flags]
 
 
+DEFAULT_LLC_BYTES = 32 << 20  # where sysfs says nothing: a common server last-level cache
+
+
+def _size_bytes(text: str) -> int:
+    """sysfs cache sizes: '32768K', '1M', '512'."""
+    text = text.strip().upper()
+    unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * unit
+
+
+def llc_bytes(cpu_dir: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """The size of this CPU's last-level cache (the highest level sysfs lists), in bytes."""
+    best = (0, 0)
+    try:
+        for index in cpu_dir.glob("index*"):
+            level = int((index / "level").read_text())
+            best = max(best, (level, _size_bytes((index / "size").read_text())))
+    except (OSError, ValueError):
+        return DEFAULT_LLC_BYTES
+    return best[1] or DEFAULT_LLC_BYTES
+
+
 def usable_cpus() -> tuple[int, ...]:
     """The cores this process may run on (its CPU set, as containers and taskset narrow it)."""
     if hasattr(os, "sched_getaffinity"):

@@ -2,11 +2,13 @@
 
 A plan reads "dense@1,mkl-packed@3": `F.linear` for 1..2 rows, MKL's packed GEMM from 3 rows
 (see cpu_linear for the kernels). `auto` times every kernel this torch build has on the model's
-own weight shapes at 1..128 rows (`measure`), keeps the fastest per row count (`choose`), and
-caches the plan under `$BATON_CACHE_DIR/cpu-linear/`, keyed by the CPU model and flags, the
-torch version, the thread count and the shapes: the workers of one host then run the same plan
-(the first to start measures, under a file lock; the others read it), and timing noise can
-never change their float32 rounding from one start to the next. A pinned plan is used as is.
+own weight shapes at 1..128 rows (`measure`: each call reads its weight from memory, as a
+serving step does, unless a step's weights fit in the last-level cache), keeps the fastest per
+row count (`choose`), and caches the plan under `$BATON_CACHE_DIR/cpu-linear/`, keyed by the
+CPU model and flags, the torch version, the thread count and the shapes: the workers of one
+host then run the same plan (the first to start measures, under a file lock; the others read
+it), and timing noise can never change their float32 rounding from one start to the next. A
+pinned plan is used as is.
 """
 
 from __future__ import annotations
@@ -26,17 +28,18 @@ from pathlib import Path
 import torch
 
 from baton.server.config import cache_root
-from baton.server.host_cpu import cpu_model, isa_flags
+from baton.server.host_cpu import cpu_model, isa_flags, llc_bytes
 from baton.server.models.cpu_linear import KERNELS, available
 
 logger = logging.getLogger(__name__)
 
-PLAN_VERSION = 1  # bump when the measurement or the choice changes: old cache entries then miss
+PLAN_VERSION = 2  # bump when the measurement or the choice changes: old cache entries then miss
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128)  # decode batches, then prefill-sized chunks
 REPEATS = 3
 # A kernel that keeps another form of the weight (a second copy of it) must beat the plan's own
 # kernels by this much at some row count: within it, timing noise would decide.
 MARGIN = 0.15
+MAX_FLUSH_BYTES = 256 << 20
 MAX_PROBE_ROWS = 8192  # a taller weight (an LM head) is timed on a slice of this many rows
 
 
@@ -119,13 +122,40 @@ def probe_weights(units: list[tuple[torch.Tensor, torch.Tensor | None]]) -> Prob
     return [(w, b, n) for w, b, n in seen.values()]
 
 
+def step_bytes(probe: Probe) -> int:
+    """The weight bytes a step's linears read."""
+    return int(sum(n * w.numel() * w.element_size() for w, _, n in probe))
+
+
+def cache_evictor(probe: Probe, llc: int | None = None):
+    """A function that pushes the probe's weights out of the caches before a timed call, or None
+    where a step's weights fit in the last-level cache (and stay there from step to step).
+
+    NOTE: the probe holds one weight of each shape; timed again and again it stays in cache,
+    while a serving step reads every layer's weights once, from memory. On a 2-core EPYC
+    (32 MiB L3) that difference made F.linear look 3x faster than it serves at 1..16 rows and
+    chose it over oneDNN's packed kernel, which is 1.4-2x faster there from memory.
+    """
+    llc = llc_bytes() if llc is None else llc
+    if step_bytes(probe) <= llc:
+        return None
+    # twice the cache, read through, leaves none of the weight there (capped: a host whose
+    # reported last level is larger is a big shared one, of which a core sees a slice)
+    flush = torch.empty(min(2 * llc, MAX_FLUSH_BYTES) // 4, dtype=torch.float32).fill_(1.0)
+    return lambda: flush.sum()
+
+
 def measure(
-    probe: Probe, kernels: tuple[str, ...] | None = None, rows: tuple[int, ...] = ROWS
+    probe: Probe,
+    kernels: tuple[str, ...] | None = None,
+    rows: tuple[int, ...] = ROWS,
+    evict=cache_evictor,
 ) -> dict[str, dict[int, float]]:
     """Seconds each kernel (default: every one available) takes for a step's linears at each
     row count (each weight's median over REPEATS calls, times how many of its shape a step
-    reads)."""
+    reads); `evict(probe)` gives what runs before each timed call (see cache_evictor)."""
     kernels = available() if kernels is None else kernels
+    flush = evict(probe) or (lambda: None)
     gen = torch.Generator().manual_seed(0)  # not the global stream: loading draws nothing
     xs = {r: {} for r in rows}
     for r in rows:
@@ -144,6 +174,7 @@ def measure(
                     fn(x)  # the first call of a shape may set up the kernel
                     trials = []
                     for _ in range(REPEATS):
+                        flush()
                         t0 = time.perf_counter()
                         fn(x)
                         trials.append(time.perf_counter() - t0)

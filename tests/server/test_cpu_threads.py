@@ -154,3 +154,15 @@ def test_cgroup_v1_quota_and_none_where_nothing_is_readable(tmp_path):
     write(d / "cpu.cfs_quota_us", "-1\n")
     assert cpu_quota(root, tmp_path / "self") is None
     assert cpu_quota(root, tmp_path / "missing") is None
+
+
+def test_the_last_level_cache_is_the_highest_level_sysfs_lists(tmp_path):
+    from baton.server.host_cpu import DEFAULT_LLC_BYTES, llc_bytes
+
+    for i, (level, size) in enumerate([(1, "48K"), (1, "32K"), (2, "1024K"), (3, "32768K")]):
+        write(tmp_path / f"index{i}" / "level", f"{level}\n")
+        write(tmp_path / f"index{i}" / "size", f"{size}\n")
+    assert llc_bytes(tmp_path) == 32 << 20
+    write(tmp_path / "index3" / "size", "2M\n")
+    assert llc_bytes(tmp_path) == 2 << 20
+    assert llc_bytes(tmp_path / "missing") == DEFAULT_LLC_BYTES

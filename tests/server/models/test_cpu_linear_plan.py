@@ -98,6 +98,19 @@ def test_measuring_times_each_kernel_at_each_row_count():
     assert all(set(v) == {1, 8} and min(v.values()) > 0 for v in times.values())
 
 
+def test_a_step_larger_than_the_last_level_cache_is_timed_from_memory():
+    gen = torch.Generator().manual_seed(0)
+    probe = lp.probe_weights([(torch.randn(64, 32, generator=gen), None)] * 4)
+    assert lp.step_bytes(probe) == 4 * 64 * 32 * 4
+    assert lp.cache_evictor(probe, llc=lp.step_bytes(probe)) is None  # fits: stays cached
+    flush = lp.cache_evictor(probe, llc=1024)
+    assert flush is not None
+    flush()
+    calls = []
+    lp.measure(probe, ("dense",), rows=(1, 4), evict=lambda p: lambda: calls.append(1))
+    assert len(calls) == 2 * lp.REPEATS  # before every timed call, each shape, each row count
+
+
 def test_a_tall_head_is_timed_on_a_slice_that_counts_for_the_rest():
     head = torch.zeros(3 * lp.MAX_PROBE_ROWS, 8)
     ((w, _, n),) = lp.probe_weights([(head, None)])
