@@ -49,20 +49,25 @@ def tiny_config_dir(tmp_path_factory):
     return str(d)
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    """The default model in float32 on CPU, shared by the tests that need real text."""
+def offline_llm(model: str, kv_cache_gib: float):
+    """`model` in float32 on CPU, its linears planned as the served workers of the tests run."""
     from baton import LLM
     from baton.bench.cluster import CPU_LINEAR
 
     return LLM(
-        model="smollm2",
+        model=model,
         device="cpu",
         dtype="float32",
-        kv_cache_gib=0.25,
+        kv_cache_gib=kv_cache_gib,
         show_progress=False,
-        cpu_linear=CPU_LINEAR,  # as the served workers of the tests run it
+        cpu_linear=CPU_LINEAR,
     )
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The default model, shared by the tests that need real text."""
+    return offline_llm("smollm2", 0.25)
 
 
 # The default model cut to its first and last layers (of 30): its real embeddings, tokenizer and
@@ -122,18 +127,8 @@ def cut_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def cut_llm(cut_model):
-    """The cut model offline, planned as the served workers of the tests are."""
-    from baton import LLM
-    from baton.bench.cluster import CPU_LINEAR
-
-    return LLM(
-        model=cut_model,
-        device="cpu",
-        dtype="float32",
-        kv_cache_gib=0.05,
-        show_progress=False,
-        cpu_linear=CPU_LINEAR,
-    )
+    """The cut model offline."""
+    return offline_llm(cut_model, 0.05)
 
 
 @pytest.fixture(scope="session")
