@@ -134,7 +134,7 @@ def cache_evictor(probe: Probe, llc: int | None = None):
     NOTE: the probe holds one weight of each shape; timed again and again it stays in cache,
     while a serving step reads every layer's weights once, from memory. On a 2-core EPYC
     (32 MiB L3) that difference made F.linear look 3x faster than it serves at 1..16 rows and
-    chose it over oneDNN's packed kernel, which is 1.4-2x faster there from memory.
+    chose it over oneDNN's packed kernel, which is 1.3-1.9x faster there from memory.
     """
     llc = llc_bytes() if llc is None else llc
     if step_bytes(probe) <= llc:
