@@ -23,10 +23,11 @@ def json_params(schema, **kw) -> SamplingParams:
     return SamplingParams(guided="json", guided_spec=json.dumps(schema), **kw)
 
 
-@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
-def test_every_finished_output_validates_against_its_schema(smollm2, sampled):
+def test_every_finished_output_validates_against_its_schema(smollm2):
+    # NOTE: sampled, the harder case for a mask; the dozen greedy run through a served
+    # handoff (tests/server/router/test_structured_e2e.py), compact greedy output below.
     names = list(SCHEMAS)
-    kw = {"temperature": 0.9, "seed": 7} if sampled else {}
+    kw = {"temperature": 0.9, "seed": 7}
     params = [json_params(SCHEMAS[n], guided_compact=i % 2 == 0, **kw) for i, n in enumerate(names)]
     outs = smollm2.generate([chat_ids(smollm2, PROMPTS[n]) for n in names], params)
     finished = 0

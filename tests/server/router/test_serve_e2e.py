@@ -279,8 +279,8 @@ def test_worker_joins_a_running_server(disagg):
         p.wait(timeout=20)
 
 
-def test_workers_stop_when_the_server_is_killed():
+def test_workers_stop_when_the_server_is_killed(cut_model):
     """SIGKILL leaves `baton serve` no chance to clean up: its workers notice on their own."""
-    s = Server("--mode", "colocated")
+    s = Server("--mode", "colocated", "--model", cut_model)
     assert s.workers()[0]["state"] == "ready"
     s.stop(signal.SIGKILL)

@@ -92,7 +92,8 @@ def test_constrained_tokens_are_the_same_disaggregated_colocated_and_offline(
         .outputs[0]
         .text
     )
-    for s in (disagg, colocated):
+
+    def served(s) -> str:
         r = s.client().completions.create(
             model="smollm2",
             prompt=ids,
@@ -100,7 +101,10 @@ def test_constrained_tokens_are_the_same_disaggregated_colocated_and_offline(
             temperature=0,
             extra_body={"guided_json": SCHEMAS["items"]},
         )
-        assert r.choices[0].text == want
+        return r.choices[0].text
+
+    with ThreadPoolExecutor(2) as pool:  # two servers, side by side
+        assert list(pool.map(served, (disagg, colocated))) == [want, want]
 
 
 class Book(BaseModel):
