@@ -19,7 +19,7 @@ NOTE: a cluster per configuration, not per workload: the workloads share no prom
 seeds; chat text vs token ids) and the KV cache holds them all, so each starts cold for its own
 prompts, and 18 cluster starts (~20 s each on 2 cores) are saved.
 
-    python benchmarks/routing.py          # ~10 min on 2 cores: results/routing_cpu.json, .png
+    python benchmarks/routing.py          # ~30 min on 2 cores: results/routing_cpu.json, .png
     python benchmarks/routing.py --quick  # tiny: load vs kv, local prefill off, to a temp dir
 """
 
@@ -182,7 +182,9 @@ def plot(rows: list[dict], path: Path) -> Path:
 # name: (default, --quick's, help)
 SIZES = {
     "conversations": (8, 2, "multi-turn: conversations, all at once"),
-    "turns": (4, 2, "multi-turn: turns per conversation"),
+    # NOTE: 8 user turns, as vLLM's multi-turn benchmark (benchmarks/multi_turn: 12-18 messages,
+    # 6-9 user turns); 4 left load's chance hits on one of two decode workers a larger share.
+    "turns": (8, 2, "multi-turn: turns per conversation"),
     "turn_input_len": (64, 16, "multi-turn: new user words per turn"),
     "think_time": (2.0, 0.5, "multi-turn: mean seconds between an answer and the next turn"),
     # NOTE: answers run longer than the questions in chat logs; the history a next turn brings
