@@ -138,11 +138,19 @@ class Pool:
         w.kv_usage, w.num_free_blocks = kv_usage, num_free_blocks
         w.rss_bytes, w.kv_resident_bytes = rss_bytes, kv_resident_bytes
 
-    def assign(self, request_id: str, worker_ids: list[str]) -> None:
-        """The request was placed on these workers."""
+    def assign(self, request_id: str, worker_ids: list[str], blocks: int = 0) -> None:
+        """The request was placed on these workers; the one that decodes it will hold `blocks`.
+
+        NOTE: heartbeats lag, as for `load`: until the next one says what the worker really has
+        free, the router counts the blocks it sent there as taken. Without that, every request of
+        a burst went to the same decode worker, the one that had the most free at the last beat.
+        """
         for wid in worker_ids:
-            self.workers[wid].assigned.add(request_id)
-            self.workers[wid].served += 1
+            w = self.workers[wid]
+            w.assigned.add(request_id)
+            w.served += 1
+            if w.role == self.decode_role:
+                w.num_free_blocks = max(0, w.num_free_blocks - blocks)
 
     def release(self, request_id: str, worker_id: str) -> None:
         """The request no longer depends on the worker."""

@@ -108,7 +108,7 @@ class RequestRelay:
         stream.wire_id = wire_id
         self.by_wire_id[wire_id] = stream
         stream.attempt = Attempt(first.worker_id, decode.worker_id if decode else None)
-        self.pool.assign(wire_id, stream.attempt.involved)
+        self.pool.assign(wire_id, stream.attempt.involved, stream.blocks_needed(self.block_size))
         if self.metrics is not None and not stream.generated:
             cached = self.pool.index.matched(first.worker_id, stream.keys) * self.block_size
             local = decode is None and self.pool.mode == "disagg"

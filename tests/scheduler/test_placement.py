@@ -110,6 +110,21 @@ def test_a_fresh_request_goes_prefill_then_freest_decode():
     assert (first.worker_id, decode.worker_id) == ("p1", "d2")
 
 
+def test_a_burst_between_heartbeats_is_spread_over_the_decode_workers():
+    pool = disagg_pool(d1=100, d2=101)
+    placed = []
+    for i in range(4):  # no heartbeat in between: d2's lead of one block must not take them all
+        first, decode = pool.plan(10, resumed=False)
+        pool.assign(f"r{i}", [first.worker_id, decode.worker_id], blocks=10)
+        placed.append(decode.worker_id)
+    assert placed == ["d2", "d1", "d2", "d1"]
+    assert pool.workers["p1"].num_free_blocks == 100  # a prefill worker keeps no KV of it
+    # the next heartbeat says what is really free, whatever the router counted
+    pool.beat("d1", draining=False, running=2, waiting=0, kv_usage=0.1, num_free_blocks=90)
+    assert pool.workers["d1"].num_free_blocks == 90 and pool.workers["d2"].num_free_blocks == 81
+    assert pool.plan(10, resumed=False)[1].worker_id == "d1"
+
+
 def test_a_resumed_request_is_recomputed_on_one_decode_worker():
     pool = disagg_pool()
     first, decode = pool.plan(10, resumed=True)
