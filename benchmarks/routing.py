@@ -19,7 +19,7 @@ NOTE: a cluster per configuration, not per workload: the workloads share no prom
 seeds; chat text vs token ids) and the KV cache holds them all, so each starts cold for its own
 prompts, and 18 cluster starts (~20 s each on 2 cores) are saved.
 
-    python benchmarks/routing.py          # ~30 min on 2 cores: results/routing_cpu.json, .png
+    python benchmarks/routing.py          # ~45 min on 2 cores: results/routing_cpu.json, .png
     python benchmarks/routing.py --quick  # tiny: load vs kv, local prefill off, to a temp dir
 """
 
@@ -181,7 +181,9 @@ def plot(rows: list[dict], path: Path) -> Path:
 
 # name: (default, --quick's, help)
 SIZES = {
-    "conversations": (8, 2, "multi-turn: conversations, all at once"),
+    # NOTE: 16 conversations (vLLM's multi-turn benchmark generates 24): with 8, load's chance
+    # hits (a later turn landing where its history is) decided kv vs load run to run.
+    "conversations": (16, 2, "multi-turn: conversations, all at once"),
     # NOTE: 8 user turns, as vLLM's multi-turn benchmark (benchmarks/multi_turn: 12-18 messages,
     # 6-9 user turns); 4 left load's chance hits on one of two decode workers a larger share.
     "turns": (8, 2, "multi-turn: turns per conversation"),
